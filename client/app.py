@@ -1,0 +1,88 @@
+"""ClientApp: train the global model on this node's data and upload the encoded update."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local_training import LocalTraining
+from sepal import wire
+from sepal.codecs import build_codec
+from sepal.config import RunConfig
+from sepal.data import DataError, make_loader
+from sepal.model import resolve_device
+from sepal.task import NodeData, tokenized_node_split
+from sepal.training import evaluate as evaluate_model
+
+app = ClientApp()
+
+CODEC_STATE_KEY = "codec-state"
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_mapping(context.run_config)
+    node = NodeData.from_node_config(context.node_config)
+    config = msg.content[wire.CONFIG_KEY]
+    global_weights = wire.record_to_arrays(msg.content[wire.ARRAYS_KEY])
+    label_names = list(config["label-names"])
+    server_round = int(config["server-round"])
+
+    training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)))
+    stats = training.run(global_weights, server_round)
+    update = OrderedDict(
+        (name, (local - global_weights[name]).astype(np.float32))
+        for name, local in training.local_weights().items()
+    )
+
+    codec = build_codec(str(config.get("upload-codec", "dense")))
+    state = context.state.get(CODEC_STATE_KEY) if CODEC_STATE_KEY in context.state else None
+    payload, codec_params, new_state = codec.encode(update, state)
+    if new_state is not None:
+        context.state[CODEC_STATE_KEY] = new_state
+
+    metrics = MetricRecord({
+        wire.NUM_EXAMPLES: stats.examples_in_split,
+        "train-loss": stats.loss,
+        "train-accuracy": stats.accuracy,
+        "train-steps": stats.steps,
+    })
+    content = RecordDict({
+        wire.UPDATE_KEY: payload,
+        wire.CODEC_KEY: codec_params,
+        wire.METRICS_KEY: metrics,
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_mapping(context.run_config)
+    node = NodeData.from_node_config(context.node_config)
+    config = msg.content[wire.CONFIG_KEY]
+    label_names = list(config["label-names"])
+    device = resolve_device(_node_device(context, cfg))
+    training = LocalTraining(cfg, node, label_names, device)
+    training.load(wire.record_to_arrays(msg.content[wire.ARRAYS_KEY]))
+    try:
+        dataset = tokenized_node_split(cfg, node, cfg.test_split)
+    except DataError as err:
+        raise DataError(f"evaluation on this node: {err}") from err
+    stats = evaluate_model(training.model, make_loader(dataset, cfg.batch_size, False, cfg.seed),
+                           device, len(label_names))
+    metrics = MetricRecord({
+        wire.NUM_EXAMPLES: stats.examples,
+        "eval-loss": stats.loss,
+        "eval-accuracy": stats.accuracy,
+        "eval-macro-f1": stats.macro_f1,
+    })
+    return Message(content=RecordDict({wire.METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _node_device(context: Context, cfg: RunConfig) -> str:
+    """A site may pin its device in its node config; otherwise the run's setting."""
+    return str(context.node_config.get("device", cfg.device))

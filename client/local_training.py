@@ -1,0 +1,57 @@
+"""One round of local fine-tuning on a node."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from sepal.config import RunConfig
+from sepal.data import DataError, make_loader
+from sepal.model import build_model, get_weights, set_weights
+from sepal.task import NodeData, tokenized_node_split
+from sepal.training import TrainStats, seed_everything, train_epochs
+
+
+@dataclasses.dataclass
+class LocalStats(TrainStats):
+    examples_in_split: int = 0
+
+
+class LocalTraining:
+    """Owns the node's model for one message: load global weights, train, read back."""
+
+    def __init__(self, cfg: RunConfig, node: NodeData, label_names: list[str],
+                 device: torch.device):
+        self.cfg = cfg
+        self.node = node
+        self.label_names = label_names
+        self.device = device
+        self.model = build_model(cfg.model, label_names, cfg.seed).to(device)
+
+    def load(self, weights: OrderedDict[str, np.ndarray]) -> None:
+        set_weights(self.model, weights)
+
+    def run(self, global_weights: OrderedDict[str, np.ndarray], server_round: int) -> LocalStats:
+        self.load(global_weights)
+        dataset = tokenized_node_split(self.cfg, self.node, self.cfg.train_split)
+        max_label = int(dataset.labels.max())
+        if max_label >= len(self.label_names):
+            raise DataError(
+                f"this node's '{self.cfg.train_split}' split has label {max_label}, but the "
+                f"federation has {len(self.label_names)} classes {self.label_names}"
+            )
+        seed = self.cfg.seed * 1_000_003 + server_round * 1_009 + max(self.node.partition_id, 0)
+        seed_everything(seed)
+        loader = make_loader(dataset, self.cfg.batch_size, shuffle=True, seed=seed)
+        optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.learning_rate
+        )
+        stats = train_epochs(self.model, loader, optimizer, self.cfg.local_epochs, self.device,
+                             description=f"round {server_round}")
+        return LocalStats(**dataclasses.asdict(stats), examples_in_split=len(dataset))
+
+    def local_weights(self) -> OrderedDict[str, np.ndarray]:
+        return get_weights(self.model)

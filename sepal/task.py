@@ -1,0 +1,76 @@
+"""The learning task both sides share: which data a node holds, how it is tokenized.
+
+Loaded splits and tokenized datasets are cached per process: in simulation a Ray
+actor serves many rounds and re-tokenizing every round would dominate small runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from sepal.config import RunConfig, parse_section, require
+from sepal.data import TextSplit, TokenizedDataset, load_split, partition
+from sepal.model import load_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeData:
+    """Where a node's examples come from, read from its node config.
+
+    ``data-path`` (deployment): the institution's own folder, used whole.
+    ``partition-id`` / ``num-partitions`` (simulation, or tests): a share of the
+    run's ``dataset`` cut by the configured partitioner.
+    """
+
+    data_path: str = ""
+    partition_id: int = -1
+    num_partitions: int = 0
+
+    def validate(self) -> None:
+        require(bool(self.data_path) or self.num_partitions >= 1, "node config",
+                "needs 'data-path' (the site's CSV folder) or 'partition-id' and "
+                "'num-partitions'")
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeData:
+        return parse_section(cls, node_config)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_split(dataset: str, split: str, text_column: str, label_column: str) -> TextSplit:
+    return load_split(dataset, split, text_column, label_column)
+
+
+def node_split(cfg: RunConfig, node: NodeData, split: str) -> TextSplit:
+    """The examples of ``split`` this node trains or evaluates on."""
+    if node.data_path:
+        return _cached_split(node.data_path, split, cfg.text_column, cfg.label_column)
+    whole = _cached_split(cfg.dataset, split, cfg.text_column, cfg.label_column)
+    limit = cfg.max_train_examples if split == cfg.train_split else cfg.max_test_examples
+    whole = whole.head(limit, cfg.seed)
+    return partition(whole, node.num_partitions, node.partition_id, cfg.partitioner,
+                     cfg.dirichlet_alpha, cfg.seed)
+
+
+def server_test_split(cfg: RunConfig) -> TextSplit:
+    split = _cached_split(cfg.dataset, cfg.test_split, cfg.text_column, cfg.label_column)
+    return split.head(cfg.max_test_examples, cfg.seed)
+
+
+def centralized_train_split(cfg: RunConfig) -> TextSplit:
+    split = _cached_split(cfg.dataset, cfg.train_split, cfg.text_column, cfg.label_column)
+    return split.head(cfg.max_train_examples, cfg.seed)
+
+
+@functools.lru_cache(maxsize=8)
+def tokenized_node_split(cfg: RunConfig, node: NodeData, split: str) -> TokenizedDataset:
+    return TokenizedDataset(node_split(cfg, node, split), load_tokenizer(cfg.model),
+                            cfg.max_seq_length)
+
+
+@functools.lru_cache(maxsize=2)
+def tokenized_server_test_split(cfg: RunConfig) -> TokenizedDataset:
+    return TokenizedDataset(server_test_split(cfg), load_tokenizer(cfg.model), cfg.max_seq_length)

@@ -1,0 +1,1 @@
+"""Sepal ServerApp: drives the rounds, decodes uploads, aggregates, evaluates, records."""

@@ -1,0 +1,54 @@
+"""ServerApp: build the strategy, run the rounds, write the run's outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from sepal.config import RunConfig
+from sepal.model import build_model, get_weights
+from sepal.task import centralized_train_split
+from server.evaluation import ServerEvaluator
+from server.federation import Federation
+from server.run_output import RunOutput
+from strategies import build_strategy
+
+log = logging.getLogger("sepal.server")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    cfg = RunConfig.from_mapping(context.run_config)
+    label_names = centralized_train_split(cfg).label_names
+    strategy = build_strategy(
+        str(context.run_config.get("strategy", "fedavg")),
+        params={},
+        common={
+            "fraction_train": cfg.fraction_train,
+            "fraction_evaluate": cfg.fraction_evaluate,
+            "min_train_nodes": cfg.min_train_nodes,
+            "min_evaluate_nodes": cfg.min_train_nodes if cfg.fraction_evaluate > 0 else 0,
+            "min_available_nodes": cfg.min_available_nodes,
+        },
+    )
+    run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
+    output = RunOutput(Path(cfg.output_dir) / run_name, dataclasses.asdict(cfg))
+    log.info("run outputs in %s", output.folder.resolve())
+
+    initial = get_weights(build_model(cfg.model, label_names, cfg.seed))
+    evaluator = ServerEvaluator(cfg, label_names)
+    federation = Federation(grid, strategy, cfg, label_names, evaluator, output,
+                            train_config={"upload-codec": "dense"})
+    final = federation.run(initial)
+    evaluator.export(final, output.model_path)
+    output.close()
+    log.info("final model saved to %s", output.model_path.resolve())

@@ -1,0 +1,35 @@
+"""Centralized evaluation of the global model on the run's test split."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from sepal.config import RunConfig
+from sepal.data import make_loader
+from sepal.model import build_model, resolve_device, set_weights
+from sepal.task import tokenized_server_test_split
+from sepal.training import EvalStats, evaluate
+
+
+class ServerEvaluator:
+    def __init__(self, cfg: RunConfig, label_names: list[str]):
+        self.cfg = cfg
+        self.label_names = label_names
+        self.device = resolve_device(cfg.device)
+        self.model = build_model(cfg.model, label_names, cfg.seed).to(self.device)
+        self.loader = make_loader(tokenized_server_test_split(cfg), cfg.batch_size * 4,
+                                  shuffle=False, seed=cfg.seed)
+
+    def __call__(self, weights: OrderedDict[str, np.ndarray]) -> EvalStats:
+        set_weights(self.model, weights)
+        return evaluate(self.model, self.loader, self.device, len(self.label_names))
+
+    def export(self, weights: OrderedDict[str, np.ndarray], folder) -> None:
+        """Save the global model so plain ``transformers`` can load it."""
+        from sepal.model import load_tokenizer
+
+        set_weights(self.model, weights)
+        self.model.save_pretrained(str(folder))
+        load_tokenizer(self.cfg.model).save_pretrained(str(folder))

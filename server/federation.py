@@ -1,0 +1,115 @@
+"""The round loop.
+
+Flower's ``Strategy.start`` runs rounds with no place to decode uploads before
+aggregation, to stop on too few clients, or to resume from a checkpoint, so the
+ServerApp drives the same steps itself while the strategy keeps doing what it does
+(``configure_train``, ``aggregate_train``, ``configure_evaluate``,
+``aggregate_evaluate``). One round:
+
+    configure_train -> send/receive -> decode uploads -> aggregate_train
+    -> evaluate (server, optionally clients) -> record
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from sepal import wire
+from sepal.config import RunConfig
+from server.evaluation import ServerEvaluator
+from server.run_output import RunOutput
+from server.uploads import decode_replies
+
+log = logging.getLogger("sepal.server")
+
+
+class Federation:
+    def __init__(self, grid: Grid, strategy: Strategy, cfg: RunConfig, label_names: list[str],
+                 evaluator: ServerEvaluator, output: RunOutput,
+                 train_config: dict[str, Any] | None = None):
+        self.grid = grid
+        self.strategy = strategy
+        self.cfg = cfg
+        self.label_names = label_names
+        self.evaluator = evaluator
+        self.output = output
+        self.train_config = dict(train_config or {})
+        self.arrays_key = getattr(strategy, "arrayrecord_key", wire.ARRAYS_KEY)
+
+    def run(self, weights: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        started = time.time()
+        self.output.record_round({"round": 0, **self._evaluate(weights), "elapsed_s": 0.0})
+        for server_round in range(1, self.cfg.num_server_rounds + 1):
+            weights = self.run_round(server_round, weights, started)
+        return weights
+
+    def run_round(self, server_round: int, weights: OrderedDict[str, np.ndarray],
+                  started: float) -> OrderedDict[str, np.ndarray]:
+        round_start = time.time()
+        config = ConfigRecord({**self.train_config, "label-names": self.label_names})
+        messages = list(self.strategy.configure_train(
+            server_round, wire.arrays_to_record(weights), config, self.grid))
+        bytes_down = {m.metadata.dst_node_id: wire.serialized_size(m.content) for m in messages}
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        decoded = decode_replies(replies, weights, self.arrays_key)
+        record: dict[str, Any] = {
+            "round": server_round,
+            "clients": len(decoded.accepted),
+            "sampled": len(messages),
+            "failed": len(decoded.failed),
+            "rejected": len(decoded.rejected),
+            "timed_out": len(messages) - len(replies),
+        }
+        if len(decoded.accepted) >= self.cfg.min_train_nodes:
+            new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
+                                                                      decoded.accepted)
+            if new_arrays is not None:
+                weights = OrderedDict((k, v.numpy()) for k, v in new_arrays.items())
+            record.update(_train_summary(decoded.accepted, train_metrics))
+        else:
+            log.warning("round %d: %d valid update(s) < min-train-nodes %d; global model kept",
+                        server_round, len(decoded.accepted), self.cfg.min_train_nodes)
+            record["skipped"] = True
+        record.update(self._evaluate(weights))
+        record.update(self._federated_evaluation(server_round, weights))
+        record["bytes_down_per_client"] = {str(k): v for k, v in bytes_down.items()}
+        record["bytes_up_per_client"] = {str(k): v for k, v in decoded.bytes_up.items()}
+        record["wall_time_s"] = round(time.time() - round_start, 3)
+        record["elapsed_s"] = round(time.time() - started, 3)
+        self.output.record_round(record)
+        log.info("round %d: %d/%d clients, accuracy %.4f, loss %.4f, %.1fs", server_round,
+                 record["clients"], record["sampled"], record["accuracy"], record["loss"],
+                 record["wall_time_s"])
+        return weights
+
+    def _evaluate(self, weights) -> dict[str, float]:
+        stats = self.evaluator(weights)
+        return {"accuracy": stats.accuracy, "macro_f1": stats.macro_f1, "loss": stats.loss}
+
+    def _federated_evaluation(self, server_round: int, weights) -> dict[str, Any]:
+        if self.cfg.fraction_evaluate <= 0:
+            return {}
+        config = ConfigRecord({"label-names": self.label_names})
+        messages = self.strategy.configure_evaluate(server_round, wire.arrays_to_record(weights), config,
+                                                    self.grid)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        return {"client_eval": dict(metrics)} if metrics is not None else {}
+
+
+def _train_summary(accepted: list[Message], metrics) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "examples": sum(int(m.content[wire.METRICS_KEY][wire.NUM_EXAMPLES]) for m in accepted),
+    }
+    if metrics is not None:
+        summary["train_loss"] = float(metrics.get("train-loss", float("nan")))
+        summary["train_accuracy"] = float(metrics.get("train-accuracy", float("nan")))
+    return summary

@@ -1,0 +1,69 @@
+"""Turn clients' encoded uploads into the replies Flower's strategies expect.
+
+Runs before any strategy sees an update: decode with the codec named in the upload,
+check it against the global model, and rebuild ``arrays = global + update`` so that
+every ``flwr.serverapp.strategy`` aggregates unchanged. A defective upload is logged
+with the client and the defect and left out; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+
+import numpy as np
+from flwr.app import Message, RecordDict
+
+from sepal import wire
+from sepal.codecs import decode_upload
+
+log = logging.getLogger("sepal.server")
+
+
+@dataclasses.dataclass
+class DecodedRound:
+    accepted: list[Message]           # strategy-shaped replies (arrays + metrics)
+    updates: dict[int, OrderedDict]   # node id -> decoded update
+    rejected: dict[int, str]          # node id -> reason
+    failed: dict[int, str]            # node id -> error the client reported
+    bytes_up: dict[int, int]          # node id -> serialized reply size
+
+
+def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.ndarray],
+                   arrays_key: str = wire.ARRAYS_KEY) -> DecodedRound:
+    shapes = {name: array.shape for name, array in global_arrays.items()}
+    result = DecodedRound([], {}, {}, {}, {})
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            result.failed[node] = reply.error.reason
+            log.warning("client %d failed this round: %s", node, reply.error.reason)
+            continue
+        result.bytes_up[node] = wire.serialized_size(reply.content)
+        try:
+            update, metrics = _decode_one(reply.content, shapes)
+        except wire.UploadError as err:
+            result.rejected[node] = str(err)
+            log.warning("upload from client %d rejected: %s", node, err)
+            continue
+        full = OrderedDict((k, global_arrays[k] + update[k]) for k in global_arrays)
+        content = RecordDict({arrays_key: wire.arrays_to_record(full), wire.METRICS_KEY: metrics})
+        result.accepted.append(Message(content=content, metadata=reply.metadata))
+        result.updates[node] = update
+    return result
+
+
+def _decode_one(content: RecordDict, shapes):
+    for key in (wire.UPDATE_KEY, wire.CODEC_KEY, wire.METRICS_KEY):
+        if key not in content:
+            raise wire.UploadError(f"record '{key}' missing from the upload")
+    metrics = content[wire.METRICS_KEY]
+    examples = metrics.get(wire.NUM_EXAMPLES)
+    if not isinstance(examples, int) or examples <= 0:
+        raise wire.UploadError(f"'{wire.NUM_EXAMPLES}' must be a positive integer, got {examples!r}")
+    update = decode_upload(content[wire.UPDATE_KEY], content[wire.CODEC_KEY], shapes)
+    for name, array in update.items():
+        if not np.isfinite(array).all():
+            raise wire.UploadError(f"tensor '{name}' holds NaN or Inf")
+    return update, metrics

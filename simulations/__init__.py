@@ -1,0 +1,1 @@
+"""Experiments on the real Flower runtime: federations of virtual clients and baselines."""

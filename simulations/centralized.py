@@ -1,0 +1,51 @@
+"""Centralized baseline: the same model on the union of the clients' examples.
+
+Same examples (the run's ``max-train-examples`` subset), same number of passes
+(``num-server-rounds x local-epochs``), same optimizer and batch size as the
+federation, evaluated on the same test split after every round-equivalent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from sepal.config import RunConfig
+from sepal.data import TokenizedDataset, make_loader
+from sepal.model import build_model, load_tokenizer, resolve_device
+from sepal.task import centralized_train_split, tokenized_server_test_split
+from sepal.training import evaluate, seed_everything, train_epochs
+from server.run_output import RunOutput
+
+
+def run_centralized(cfg: RunConfig, folder: Path) -> RunOutput:
+    output = RunOutput(folder, {**dataclasses.asdict(cfg), "mode": "centralized"})
+    device = resolve_device(cfg.device)
+    train_split = centralized_train_split(cfg)
+    model = build_model(cfg.model, train_split.label_names, cfg.seed).to(device)
+    train_set = TokenizedDataset(train_split, load_tokenizer(cfg.model), cfg.max_seq_length)
+    test_loader = make_loader(tokenized_server_test_split(cfg), cfg.batch_size * 4, False, cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    num_labels = len(train_split.label_names)
+    started = time.time()
+    stats = evaluate(model, test_loader, device, num_labels)
+    output.record_round({"round": 0, "accuracy": stats.accuracy, "macro_f1": stats.macro_f1,
+                         "loss": stats.loss, "elapsed_s": 0.0})
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        seed_everything(cfg.seed + server_round)
+        loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
+        train = train_epochs(model, loader, optimizer, cfg.local_epochs, device,
+                             description=f"centralized {server_round}")
+        stats = evaluate(model, test_loader, device, num_labels)
+        output.record_round({
+            "round": server_round, "accuracy": stats.accuracy, "macro_f1": stats.macro_f1,
+            "loss": stats.loss, "train_loss": train.loss, "examples": train.examples,
+            "elapsed_s": round(time.time() - started, 3),
+        })
+    model.save_pretrained(str(output.model_path))
+    load_tokenizer(cfg.model).save_pretrained(str(output.model_path))
+    output.close()
+    return output

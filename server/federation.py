@@ -26,7 +26,7 @@ from sepal import wire
 from sepal.config import RunConfig
 from server.evaluation import ServerEvaluator
 from server.run_output import RunOutput
-from server.uploads import decode_replies
+from server.uploads import DecodedRound, decode_replies
 
 log = logging.getLogger("sepal.server")
 
@@ -58,15 +58,14 @@ class Federation:
         messages = list(self.strategy.configure_train(
             server_round, wire.arrays_to_record(weights), config, self.grid))
         bytes_down = {m.metadata.dst_node_id: wire.serialized_size(m.content) for m in messages}
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        decoded = decode_replies(replies, weights, self.arrays_key)
+        decoded = self.collect_updates(messages, weights)
         record: dict[str, Any] = {
             "round": server_round,
             "clients": len(decoded.accepted),
             "sampled": len(messages),
             "failed": len(decoded.failed),
             "rejected": len(decoded.rejected),
-            "timed_out": len(messages) - len(replies),
+            "timed_out": len(decoded.timed_out),
         }
         if len(decoded.accepted) >= self.cfg.min_train_nodes:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
@@ -89,6 +88,16 @@ class Federation:
                  record["clients"], record["sampled"], record["accuracy"], record["loss"],
                  record["wall_time_s"])
         return weights
+
+    def collect_updates(self, messages: list[Message],
+                        weights: OrderedDict[str, np.ndarray]) -> DecodedRound:
+        """Send the round's train instructions and return the decoded uploads."""
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        decoded = decode_replies(replies, weights, self.arrays_key)
+        answered = {reply.metadata.src_node_id for reply in replies}
+        decoded.timed_out = [m.metadata.dst_node_id for m in messages
+                             if m.metadata.dst_node_id not in answered]
+        return decoded
 
     def _evaluate(self, weights) -> dict[str, float]:
         stats = self.evaluator(weights)

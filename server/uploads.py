@@ -28,6 +28,7 @@ class DecodedRound:
     rejected: dict[int, str]          # node id -> reason
     failed: dict[int, str]            # node id -> error the client reported
     bytes_up: dict[int, int]          # node id -> serialized reply size
+    timed_out: list[int] = dataclasses.field(default_factory=list)  # no reply in time
 
 
 def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.ndarray],

@@ -10,6 +10,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from sepal.codecs import CompressionConfig
+from sepal.codecs.downlink import downlink_for
 from sepal.config import RunConfig
 from sepal.model import build_model, get_weights
 from sepal.task import centralized_train_split
@@ -46,8 +48,10 @@ def main(grid: Grid, context: Context) -> None:
 
     initial = get_weights(build_model(cfg.model, label_names, cfg.seed))
     evaluator = ServerEvaluator(cfg, label_names)
+    compression = CompressionConfig.from_mapping(context.run_config)
     federation = Federation(grid, strategy, cfg, label_names, evaluator, output,
-                            train_config={"upload-codec": "dense"})
+                            train_config={"upload-codec": compression.upload_codec},
+                            downlink=downlink_for(compression))
     final = federation.run(initial)
     evaluator.export(final, output.model_path)
     output.close()

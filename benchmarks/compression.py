@@ -69,8 +69,8 @@ def real_update(args: argparse.Namespace):
     cfg = RunConfig.from_mapping(run_config(args))
     labels = ["negative", "positive"]
     initial = get_weights(build_model(cfg.model, labels, cfg.seed))
-    training = LocalTraining(cfg, NodeData(partition_id=0, num_partitions=args.clients), labels,
-                             torch.device("cpu"))
+    node = NodeData(partition_id=args.codec_client, num_partitions=args.clients)
+    training = LocalTraining(cfg, node, labels, torch.device("cpu"))
     stats = training.run(initial, server_round=1)
     update = OrderedDict((k, (v - initial[k]).astype(np.float32))
                          for k, v in training.local_weights().items())
@@ -84,8 +84,9 @@ def codec_part(args: argparse.Namespace, settings: OrderedDict) -> None:
     started = time.time()
     initial, update, metrics, stats = real_update(args)
     params_count = sum(v.size for v in update.values())
-    print(f"\nreal MiniLM update: {params_count:,} parameters in {len(update)} tensors, "
-          f"{stats.steps} local steps on {stats.examples_in_split} examples "
+    print(f"\nreal {args.model} update of client {args.codec_client}: {params_count:,} "
+          f"parameters in {len(update)} tensors, {stats.steps} local steps on "
+          f"{stats.examples_in_split} examples "
           f"({time.time() - started:.0f} s)")
     shapes = {k: v.shape for k, v in update.items()}
     dense = dense_upload_size(initial, metrics)
@@ -158,6 +159,8 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=2000)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--model", default="minilm")
+    parser.add_argument("--codec-client", type=int, default=8,
+                        help="partition whose real update the codec part encodes")
     parser.add_argument("--encode-repeats", type=int, default=3)
     parser.add_argument("--decode-uploads", type=int, default=100)
     parser.add_argument("--settings", nargs="*", metavar="NAME=CHAIN",

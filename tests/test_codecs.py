@@ -218,6 +218,7 @@ def test_chains_parse_in_any_order_into_one_pipeline():
     ("ef", "'ef' needs a lossy stage"),
     ("dense,q8", "'dense' cannot be combined"),
     ("q8,q4", "stage 'q' appears twice"),
+    ("topk:0.1,zlib,lzma", "stage 'lossless' appears twice"),
 ])
 def test_bad_chains_are_refused_naming_the_key(chain, complaint):
     with pytest.raises(ConfigError, match=f"'upload-codec'.*{complaint}"):

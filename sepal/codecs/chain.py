@@ -56,9 +56,10 @@ def parse_chain(text: str, key: str = "upload-codec") -> ChainSpec:
     for stage in (s.strip() for s in text.split(",")):
         name, _, rest = stage.partition(":")
         kind = "q" if name[:1] == "q" and name[1:].isdigit() else name
-        if kind in seen:
-            raise ConfigError(f"run config '{key}': stage '{kind}' appears twice in {text!r}")
-        seen.add(kind)
+        role = "lossless" if kind in METHODS else kind
+        if role in seen:
+            raise ConfigError(f"run config '{key}': stage '{role}' appears twice in {text!r}")
+        seen.add(role)
         if kind == "dense" and not rest:
             continue
         if kind == "topk":

@@ -30,6 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = RunConfig.from_mapping(context.run_config)
+    compression = CompressionConfig.from_mapping(context.run_config)
     label_names = centralized_train_split(cfg).label_names
     strategy = build_strategy(
         str(context.run_config.get("strategy", "fedavg")),
@@ -43,12 +44,12 @@ def main(grid: Grid, context: Context) -> None:
         },
     )
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
-    output = RunOutput(Path(cfg.output_dir) / run_name, dataclasses.asdict(cfg))
+    output = RunOutput(Path(cfg.output_dir) / run_name,
+                       {**dataclasses.asdict(cfg), **dataclasses.asdict(compression)})
     log.info("run outputs in %s", output.folder.resolve())
 
     initial = get_weights(build_model(cfg.model, label_names, cfg.seed))
     evaluator = ServerEvaluator(cfg, label_names)
-    compression = CompressionConfig.from_mapping(context.run_config)
     federation = Federation(grid, strategy, cfg, label_names, evaluator, output,
                             train_config={"upload-codec": compression.upload_codec},
                             downlink=downlink_for(compression))

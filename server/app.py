@@ -11,10 +11,14 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from sepal.config import RunConfig
+from sepal.lora import LoraSettings
 from sepal.model import build_model, get_weights
+from sepal.privacy import DPSGDSettings, UserLevelDPSettings, check_run_settings
 from sepal.task import centralized_train_split
+from server.central_dp import wrap_with_user_level_dp
 from server.evaluation import ServerEvaluator
 from server.federation import Federation
+from server.privacy_monitor import PrivacyMonitor
 from server.run_output import RunOutput
 from strategies import build_strategy
 
@@ -28,7 +32,10 @@ def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = RunConfig.from_mapping(context.run_config)
-    label_names = centralized_train_split(cfg).label_names
+    train_split = centralized_train_split(cfg)
+    label_names = train_split.label_names
+    check_run_settings(DPSGDSettings.from_run_config(context.run_config), cfg, len(train_split))
+    lora = LoraSettings.from_run_config(context.run_config)
     strategy = build_strategy(
         str(context.run_config.get("strategy", "fedavg")),
         params={},
@@ -40,14 +47,17 @@ def main(grid: Grid, context: Context) -> None:
             "min_available_nodes": cfg.min_available_nodes,
         },
     )
+    strategy = wrap_with_user_level_dp(
+        strategy, UserLevelDPSettings.from_run_config(context.run_config), grid, cfg)
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
     output = RunOutput(Path(cfg.output_dir) / run_name, dataclasses.asdict(cfg))
     log.info("run outputs in %s", output.folder.resolve())
 
-    initial = get_weights(build_model(cfg.model, label_names, cfg.seed))
-    evaluator = ServerEvaluator(cfg, label_names)
+    initial = get_weights(lora.apply(build_model(cfg.model, label_names, cfg.seed)))
+    evaluator = ServerEvaluator(cfg, label_names, lora)
     federation = Federation(grid, strategy, cfg, label_names, evaluator, output,
-                            train_config={"upload-codec": "dense"})
+                            train_config={"upload-codec": "dense"},
+                            privacy=PrivacyMonitor(cfg.min_train_nodes, strategy))
     final = federation.run(initial)
     evaluator.export(final, output.model_path)
     output.close()

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 from sepal import wire
 from sepal.config import RunConfig
 from server.evaluation import ServerEvaluator
+from server.privacy_monitor import PrivacyMonitor
 from server.run_output import RunOutput
 from server.uploads import DecodedRound, decode_replies
 
@@ -34,7 +35,8 @@ log = logging.getLogger("sepal.server")
 class Federation:
     def __init__(self, grid: Grid, strategy: Strategy, cfg: RunConfig, label_names: list[str],
                  evaluator: ServerEvaluator, output: RunOutput,
-                 train_config: dict[str, Any] | None = None):
+                 train_config: dict[str, Any] | None = None,
+                 privacy: PrivacyMonitor | None = None):
         self.grid = grid
         self.strategy = strategy
         self.cfg = cfg
@@ -42,6 +44,7 @@ class Federation:
         self.evaluator = evaluator
         self.output = output
         self.train_config = dict(train_config or {})
+        self.privacy = privacy or PrivacyMonitor(cfg.min_train_nodes)
         self.arrays_key = getattr(strategy, "arrayrecord_key", wire.ARRAYS_KEY)
 
     def run(self, weights: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
@@ -49,6 +52,9 @@ class Federation:
         self.output.record_round({"round": 0, **self._evaluate(weights), "elapsed_s": 0.0})
         for server_round in range(1, self.cfg.num_server_rounds + 1):
             weights = self.run_round(server_round, weights, started)
+            if self.privacy.stop_reason:
+                log.warning("run ends after round %d: %s", server_round, self.privacy.stop_reason)
+                break
         return weights
 
     def run_round(self, server_round: int, weights: OrderedDict[str, np.ndarray],
@@ -66,6 +72,7 @@ class Federation:
             "failed": len(decoded.failed),
             "rejected": len(decoded.rejected),
             "timed_out": len(decoded.timed_out),
+            "refused": len(decoded.refused),
         }
         if len(decoded.accepted) >= self.cfg.min_train_nodes:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
@@ -77,6 +84,7 @@ class Federation:
             log.warning("round %d: %d valid update(s) < min-train-nodes %d; global model kept",
                         server_round, len(decoded.accepted), self.cfg.min_train_nodes)
             record["skipped"] = True
+        record.update(self.privacy.round_record(decoded, len(list(self.grid.get_node_ids()))))
         record.update(self._evaluate(weights))
         record.update(self._federated_evaluation(server_round, weights))
         record["bytes_down_per_client"] = {str(k): v for k, v in bytes_down.items()}

@@ -13,10 +13,11 @@ import logging
 from collections import OrderedDict
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from sepal import wire
 from sepal.codecs import decode_upload
+from sepal.privacy.refusal import Refusal, read_reply_privacy
 
 log = logging.getLogger("sepal.server")
 
@@ -29,6 +30,8 @@ class DecodedRound:
     failed: dict[int, str]            # node id -> error the client reported
     bytes_up: dict[int, int]          # node id -> serialized reply size
     timed_out: list[int] = dataclasses.field(default_factory=list)  # no reply in time
+    refused: dict[int, Refusal] = dataclasses.field(default_factory=dict)  # privacy budget
+    privacy: dict[int, ConfigRecord] = dataclasses.field(default_factory=dict)  # ε reports
 
 
 def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.ndarray],
@@ -43,10 +46,17 @@ def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.nd
             continue
         result.bytes_up[node] = wire.serialized_size(reply.content)
         try:
-            update, metrics = _decode_one(reply.content, shapes)
+            report, refusal = read_reply_privacy(reply.content)
+            if refusal is None:
+                update, metrics = _decode_one(reply.content, shapes)
         except wire.UploadError as err:
             result.rejected[node] = str(err)
             log.warning("upload from client %d rejected: %s", node, err)
+            continue
+        if report is not None:
+            result.privacy[node] = report
+        if refusal is not None:
+            result.refused[node] = refusal
             continue
         full = OrderedDict((k, global_arrays[k] + update[k]) for k in global_arrays)
         content = RecordDict({arrays_key: wire.arrays_to_record(full), wire.METRICS_KEY: metrics})

@@ -41,6 +41,7 @@ from sepal.privacy import (
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import MODEL_INPUTS
 from tests.conftest import PROJECT_ROOT, SST2
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 LABELS = ["negative", "positive"]
 # 160 SST-2 sentences over 2 partitions: 80 per node, batch 16 -> q = 0.2, 5 steps per round
@@ -50,15 +51,6 @@ RUN = {
     "dp-sgd": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5,
 }
 NODE = {"partition-id": 0, "num-partitions": 2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared by parallel jobs: OpenMP spin-waits make 2 threads ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train_message(server_round: int) -> Message:
@@ -98,7 +90,7 @@ def test_per_example_gradients_are_clipped_to_the_bound(lora):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # the per-example reference must see the same function
-    model = LoraSettings(lora=lora).apply(model)
+    model = LoraSettings(lora=lora).apply(model).eval()  # as from_pretrained returns it
     bound = 0.05
     policy = EffectivePrivacy(target_epsilon=8.0, delta=1e-5, max_epsilon=None,
                               min_noise_multiplier=0.0, max_grad_norm=bound, accountant="rdp",
@@ -203,6 +195,8 @@ def test_a_site_can_force_dp_and_only_tighten():
         {"dp-sgd": True, "dp-simulated-site-policy": "0: dp-max-epsilon=50"})
     assert site_policy(own, loose).dp_max_epsilon == 3.0  # a run cannot loosen a site
     assert EffectivePrivacy.combine(DPSGDSettings(), SitePolicy()) is None
+    capped = EffectivePrivacy.combine(DPSGDSettings(), SitePolicy(dp_max_epsilon=2.0))
+    assert capped is not None and capped.target_epsilon == 2.0  # a cap implies DP-SGD
     # the site's noise floor beats the run's calibration
     plan = LocalPlan(80, 16, 1, 3)
     assert ClientPrivacy.calibrated(policy, plan).noise_multiplier == 10.0

@@ -88,7 +88,8 @@ class SitePolicy:
     """An institution's privacy policy, from its SuperNode's node config.
 
     ``dp-max-epsilon``          cap on this site's cumulative ε in a run (0 = no cap): a round
-                                that would pass it is refused, so the cap is never exceeded
+                                that would pass it is refused, so the cap is never exceeded;
+                                a cap implies DP-SGD on this site
     ``dp-delta``                this site's δ (0 = the run's); the smaller of the two is used
     ``dp-force``                train under DP-SGD even when the run does not ask for it
     ``dp-min-noise-multiplier`` floor on the DP-SGD noise multiplier (0 = none)
@@ -160,9 +161,10 @@ class EffectivePrivacy:
     def combine(cls, run: DPSGDSettings, site: SitePolicy) -> EffectivePrivacy | None:
         """None when neither the run nor the site asks for DP-SGD.
 
-        A site that forces DP on a run without it calibrates to its own budget (or, without
-        one, to the run's ``dp-target-epsilon``)."""
-        if not (run.dp_sgd or site.dp_force):
+        A site with a budget (``dp-max-epsilon``) or ``dp-force`` trains under DP-SGD even
+        in a run without it (training without DP would spend an unbounded ε), calibrated to
+        its own budget or, without one, to the run's ``dp-target-epsilon``."""
+        if not (run.dp_sgd or site.dp_force or site.dp_max_epsilon > 0):
             return None
         target = run.dp_target_epsilon
         if not run.dp_sgd and site.dp_max_epsilon > 0:

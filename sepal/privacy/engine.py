@@ -214,6 +214,7 @@ class ClientPrivacy:
             raise ValueError(f"privacy plan made for {self.plan.num_examples} examples, but the "
                              f"loader holds {len(loader.dataset)}")
         steps_before = self.steps_taken
+        model.train()  # Opacus validates the mode; from_pretrained returns eval mode
         wrapped = engine.make_private(
             module=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
             data_loader=private_loader, noise_multiplier=self.noise_multiplier,

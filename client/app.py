@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp
 from client.local_training import LocalTraining
 from sepal import wire
 from sepal.codecs import build_codec
+from sepal.codecs.downlink import receive_global
 from sepal.config import RunConfig
 from sepal.data import DataError, make_loader
 from sepal.lora import LoraSettings
@@ -30,7 +31,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     node = NodeData.from_node_config(context.node_config)
     config = msg.content[wire.CONFIG_KEY]
-    global_weights = wire.record_to_arrays(msg.content[wire.ARRAYS_KEY])
+    global_weights = receive_global(msg.content, context.state)
     label_names = list(config["label-names"])
     server_round = int(config["server-round"])
 

@@ -2,7 +2,10 @@
 
 Train instruction (server -> client), a ``RecordDict``:
     ``arrays``  ArrayRecord  the global exchanged parameters (name -> tensor)
-    ``config``  ConfigRecord round settings (``server-round``, ...)
+    ``config``  ConfigRecord round settings (``server-round``, ``upload-codec``, ...)
+With a compressed downlink, ``arrays`` may give way to deltas against the model the
+client already holds (``download``, ``download-delta-{i}``, ``download-codec-{i}``;
+see :mod:`sepal.codecs.downlink`).
 
 Train reply (client -> server):
     ``update``  ArrayRecord  the codec's payload for ``local - global``
@@ -26,7 +29,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-WIRE_VERSION = 1
+# 2: compressed codecs (topk, quantized, lossless pass) and compressed downlink deltas.
+WIRE_VERSION = 2
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"

@@ -10,6 +10,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from sepal.codecs import CompressionConfig
+from sepal.codecs.downlink import downlink_for
 from sepal.config import RunConfig
 from sepal.lora import LoraSettings
 from sepal.model import build_model, get_weights
@@ -55,8 +57,10 @@ def main(grid: Grid, context: Context) -> None:
 
     initial = get_weights(lora.apply(build_model(cfg.model, label_names, cfg.seed)))
     evaluator = ServerEvaluator(cfg, label_names, lora)
+    compression = CompressionConfig.from_mapping(context.run_config)
     federation = Federation(grid, strategy, cfg, label_names, evaluator, output,
-                            train_config={"upload-codec": "dense"},
+                            train_config={"upload-codec": compression.upload_codec},
+                            downlink=downlink_for(compression),
                             privacy=PrivacyMonitor(cfg.min_train_nodes, strategy))
     final = federation.run(initial)
     evaluator.export(final, output.model_path)

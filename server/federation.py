@@ -18,11 +18,13 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from sepal import wire
+from sepal.codecs.downlink import DownlinkBroadcaster
+from sepal.codecs.measure import dense_upload_size, transfer_metrics
 from sepal.config import RunConfig
 from server.evaluation import ServerEvaluator
 from server.privacy_monitor import PrivacyMonitor
@@ -36,6 +38,7 @@ class Federation:
     def __init__(self, grid: Grid, strategy: Strategy, cfg: RunConfig, label_names: list[str],
                  evaluator: ServerEvaluator, output: RunOutput,
                  train_config: dict[str, Any] | None = None,
+                 downlink: DownlinkBroadcaster | None = None,
                  privacy: PrivacyMonitor | None = None):
         self.grid = grid
         self.strategy = strategy
@@ -46,6 +49,7 @@ class Federation:
         self.train_config = dict(train_config or {})
         self.privacy = privacy or PrivacyMonitor(cfg.min_train_nodes)
         self.arrays_key = getattr(strategy, "arrayrecord_key", wire.ARRAYS_KEY)
+        self.downlink = downlink  # compressed global-model deltas, None = dense arrays
 
     def run(self, weights: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         started = time.time()
@@ -63,8 +67,14 @@ class Federation:
         config = ConfigRecord({**self.train_config, "label-names": self.label_names})
         messages = list(self.strategy.configure_train(
             server_round, wire.arrays_to_record(weights), config, self.grid))
+        dense_down = wire.serialized_size(messages[0].content) if messages else 0
+        if self.downlink is not None:
+            self.downlink.advance(weights, server_round)
+            messages = self.downlink.address(messages, self.arrays_key)
         bytes_down = {m.metadata.dst_node_id: wire.serialized_size(m.content) for m in messages}
         decoded = self.collect_updates(messages, weights)
+        if self.downlink is not None:
+            self.downlink.settle(bytes_down, set(decoded.failed) | set(decoded.timed_out))
         record: dict[str, Any] = {
             "round": server_round,
             "clients": len(decoded.accepted),
@@ -89,6 +99,9 @@ class Federation:
         record.update(self._federated_evaluation(server_round, weights))
         record["bytes_down_per_client"] = {str(k): v for k, v in bytes_down.items()}
         record["bytes_up_per_client"] = {str(k): v for k, v in decoded.bytes_up.items()}
+        record.update(transfer_metrics(decoded.bytes_up, bytes_down,
+                                       dense_upload_size(weights, _any_metrics(decoded)),
+                                       dense_down))
         record["wall_time_s"] = round(time.time() - round_start, 3)
         record["elapsed_s"] = round(time.time() - started, 3)
         self.output.record_round(record)
@@ -120,6 +133,13 @@ class Federation:
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         return {"client_eval": dict(metrics)} if metrics is not None else {}
+
+
+def _any_metrics(decoded: DecodedRound) -> MetricRecord:
+    """A reply's metrics, to measure the dense upload baseline with the same record."""
+    for message in decoded.accepted:
+        return message.content[wire.METRICS_KEY]
+    return MetricRecord({wire.NUM_EXAMPLES: 1})
 
 
 def _train_summary(accepted: list[Message], metrics) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from sepal.config import RunConfig
 from sepal.model import build_model, get_weights
 from sepal.task import centralized_train_split
 from server.evaluation import ServerEvaluator
-from server.federation import Federation
 from server.run_output import RunOutput
+from server.secure_aggregation import federation_class
 from strategies import build_strategy
 
 log = logging.getLogger("sepal.server")
@@ -40,14 +40,15 @@ def main(grid: Grid, context: Context) -> None:
             "min_available_nodes": cfg.min_available_nodes,
         },
     )
+    make_federation = federation_class(context.run_config, strategy)  # refuses bad combinations
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
     output = RunOutput(Path(cfg.output_dir) / run_name, dataclasses.asdict(cfg))
     log.info("run outputs in %s", output.folder.resolve())
 
     initial = get_weights(build_model(cfg.model, label_names, cfg.seed))
     evaluator = ServerEvaluator(cfg, label_names)
-    federation = Federation(grid, strategy, cfg, label_names, evaluator, output,
-                            train_config={"upload-codec": "dense"})
+    federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
+                                 train_config={"upload-codec": "dense"})
     final = federation.run(initial)
     evaluator.export(final, output.model_path)
     output.close()

@@ -61,13 +61,13 @@ class Federation:
         decoded = self.collect_updates(messages, weights)
         record: dict[str, Any] = {
             "round": server_round,
-            "clients": len(decoded.accepted),
+            "clients": decoded.clients,
             "sampled": len(messages),
             "failed": len(decoded.failed),
             "rejected": len(decoded.rejected),
             "timed_out": len(decoded.timed_out),
         }
-        if len(decoded.accepted) >= self.cfg.min_train_nodes:
+        if decoded.accepted and decoded.clients >= self.cfg.min_train_nodes:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
                                                                       decoded.accepted)
             if new_arrays is not None:
@@ -75,12 +75,13 @@ class Federation:
             record.update(_train_summary(decoded.accepted, train_metrics))
         else:
             log.warning("round %d: %d valid update(s) < min-train-nodes %d; global model kept",
-                        server_round, len(decoded.accepted), self.cfg.min_train_nodes)
+                        server_round, decoded.clients, self.cfg.min_train_nodes)
             record["skipped"] = True
         record.update(self._evaluate(weights))
         record.update(self._federated_evaluation(server_round, weights))
         record["bytes_down_per_client"] = {str(k): v for k, v in bytes_down.items()}
         record["bytes_up_per_client"] = {str(k): v for k, v in decoded.bytes_up.items()}
+        record.update(decoded.summary)
         record["wall_time_s"] = round(time.time() - round_start, 3)
         record["elapsed_s"] = round(time.time() - started, 3)
         self.output.record_round(record)

@@ -29,6 +29,14 @@ class DecodedRound:
     failed: dict[int, str]            # node id -> error the client reported
     bytes_up: dict[int, int]          # node id -> serialized reply size
     timed_out: list[int] = dataclasses.field(default_factory=list)  # no reply in time
+    # Clients behind ``accepted`` when a reply stands for several (secure aggregation
+    # sends one pre-summed reply); None: one reply per client.
+    contributors: int | None = None
+    summary: dict = dataclasses.field(default_factory=dict)  # extra fields of the round record
+
+    @property
+    def clients(self) -> int:
+        return len(self.accepted) if self.contributors is None else self.contributors
 
 
 def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.ndarray],

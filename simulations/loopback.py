@@ -1,0 +1,104 @@
+"""An in-process Grid: the ServerApp's messages go straight to a ClientApp per node.
+
+For protocol tests and benchmarks of multi-stage workflows (secure aggregation):
+the server-side code and the ClientApp run unchanged, each node keeps its own
+``Context`` (``context.state`` persists across messages, as on a SuperNode), and
+every message content crosses Flower's protobuf serialization both ways, so what
+a client receives is what would arrive over gRPC. No Ray, no SuperLink: faults
+(a node that drops, a tampered or replayed message) are injected with the
+``on_instruction`` / ``on_reply`` hooks.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.serverapp import Grid
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+# A hook returns the message to deliver (possibly altered), or None to lose it.
+Hook = Callable[[Message], Message | None]
+
+
+class LoopbackGrid(Grid):
+    def __init__(self, app: ClientApp, node_ids: Iterable[int], run_config: dict,
+                 run_id: int = 1, node_config: Callable[[int], dict] | None = None,
+                 serialize: bool = True):
+        self.app = app
+        self._run = Run.create_empty(run_id)
+        # what a ServerApp process sets before it creates messages
+        TaskIdentity.task_id, TaskIdentity.run_id = 1, run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self.serialize = serialize
+        self.contexts = {
+            node: Context(run_id=run_id, node_id=node,
+                          node_config=dict(node_config(node) if node_config else {}),
+                          state=RecordDict(), run_config=dict(run_config))
+            for node in node_ids
+        }
+        self.on_instruction: Hook | None = None
+        self.on_reply: Hook | None = None
+        self.client_seconds: dict[str, dict[int, float]] = defaultdict(dict)  # type -> node -> s
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("LoopbackGrid delivers synchronously: use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("LoopbackGrid delivers synchronously: use send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            if self.on_instruction is not None:
+                message = self.on_instruction(message)
+                if message is None:
+                    continue
+            reply = self._deliver(message)
+            if self.on_reply is not None:
+                reply = self.on_reply(reply)
+                if reply is None:
+                    continue
+            replies.append(reply)
+        return replies
+
+    def _deliver(self, message: Message) -> Message:
+        node = message.metadata.dst_node_id
+        inbound = Message(content=self._wire(message.content), metadata=message.metadata)
+        started = time.perf_counter()
+        try:
+            reply = self.app(inbound, self.contexts[node])
+        except Exception as err:  # a ClientApp exception becomes an error reply, as in Flower
+            reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=inbound)
+        seconds = time.perf_counter() - started
+        per_node = self.client_seconds[message.metadata.message_type]
+        per_node[node] = per_node.get(node, 0.0) + seconds
+        if reply.has_error():
+            return reply
+        return Message(content=self._wire(reply.content), metadata=reply.metadata)
+
+    def _wire(self, content: RecordDict) -> RecordDict:
+        return recorddict_from_proto(recorddict_to_proto(content)) if self.serialize else content

@@ -175,11 +175,12 @@ class SecureAggregation:
     """Drives one SecAgg+ round through the Grid (four ``train.secagg_*`` stages)."""
 
     def __init__(self, grid: Grid, config: SecAggConfig, train_timeout: float,
-                 min_clients: int = 2):
+                 min_clients: int = 2, count_bytes: bool = True):
         self.grid = grid
         self.config = config
         self.train_timeout = train_timeout
         self.min_clients = max(2, min_clients)
+        self.count_bytes = count_bytes  # serialized size of every message (costs a serialization)
 
     def run(self, messages: list[Message], dim: int) -> SecureRound:
         """Run the round for the strategy's train ``messages`` over ``dim`` values."""
@@ -392,10 +393,11 @@ class SecureAggregation:
         does not answer in time is recorded as failed / timed out; a reply with a foreign
         header or one ``read`` refuses (SecAggError) is recorded as rejected and logged.
         """
-        for message in outgoing:
+        model_bytes: dict[int, int] = {}  # the model record is shared by all setup messages
+        for message in outgoing if self.count_bytes else ():
             node = message.metadata.dst_node_id
             result.bytes_down[node] = result.bytes_down.get(node, 0) + \
-                wire.serialized_size(message.content)
+                _content_bytes(message.content, model_bytes)
         expected = {m.metadata.dst_node_id for m in outgoing}
         answered, accepted = set(), []
         for reply in self.grid.send_and_receive(outgoing, timeout=timeout):
@@ -410,8 +412,9 @@ class SecureAggregation:
                 log.warning("round %d: node %d failed at %s: %s", state.tag.server_round, node,
                             stage, reply.error.reason)
                 continue
-            result.bytes_up[node] = result.bytes_up.get(node, 0) + \
-                wire.serialized_size(reply.content)
+            if self.count_bytes:
+                result.bytes_up[node] = result.bytes_up.get(node, 0) + \
+                    wire.serialized_size(reply.content)
             try:
                 state.tag.check(reply.content, stage)
                 read(node, reply)
@@ -455,6 +458,17 @@ class SecureAggregation:
         if count < needed:
             raise RoundAborted(f"{count} client(s) left after {stage} < {needed} "
                                f"(threshold {state.threshold}, min-train-nodes {self.min_clients})")
+
+
+def _content_bytes(content: RecordDict, model_bytes: dict[int, int]) -> int:
+    """Serialized size of ``content``; a model record seen before is not serialized again."""
+    model = content.get(wire.ARRAYS_KEY)
+    if model is None:
+        return wire.serialized_size(content)
+    if id(model) not in model_bytes:
+        model_bytes[id(model)] = wire.serialized_size(RecordDict({wire.ARRAYS_KEY: model}))
+    rest = RecordDict({key: record for key, record in content.items() if key != wire.ARRAYS_KEY})
+    return model_bytes[id(model)] + wire.serialized_size(rest)
 
 
 class SecureFederation(Federation):

@@ -11,9 +11,9 @@ a client receives is what would arrive over gRPC. No Ray, no SuperLink: faults
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -26,6 +26,15 @@ from flwr.supercore.task_identity import TaskIdentity
 
 # A hook returns the message to deliver (possibly altered), or None to lose it.
 Hook = Callable[[Message], Message | None]
+
+
+@dataclasses.dataclass
+class Exchange:
+    """One ``send_and_receive`` call: who computed how long, and the wire's cost."""
+
+    message_types: set[str] = dataclasses.field(default_factory=set)
+    client_seconds: dict[int, float] = dataclasses.field(default_factory=dict)
+    wire_seconds: float = 0.0  # protobuf serialization both ways (not the protocol's work)
 
 
 class LoopbackGrid(Grid):
@@ -46,7 +55,9 @@ class LoopbackGrid(Grid):
         }
         self.on_instruction: Hook | None = None
         self.on_reply: Hook | None = None
-        self.client_seconds: dict[str, dict[int, float]] = defaultdict(dict)  # type -> node -> s
+        self.exchanges: list[Exchange] = []
+        self.bytes_up: dict[int, int] = {}    # serialized reply contents per node
+        self.bytes_down: dict[int, int] = {}
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -70,14 +81,15 @@ class LoopbackGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+        replies, exchange = [], Exchange()
+        self.exchanges.append(exchange)
         for message in messages:
             message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             if self.on_instruction is not None:
                 message = self.on_instruction(message)
                 if message is None:
                     continue
-            reply = self._deliver(message)
+            reply = self._deliver(message, exchange)
             if self.on_reply is not None:
                 reply = self.on_reply(reply)
                 if reply is None:
@@ -85,20 +97,29 @@ class LoopbackGrid(Grid):
             replies.append(reply)
         return replies
 
-    def _deliver(self, message: Message) -> Message:
+    def _deliver(self, message: Message, exchange: Exchange) -> Message:
         node = message.metadata.dst_node_id
-        inbound = Message(content=self._wire(message.content), metadata=message.metadata)
+        exchange.message_types.add(message.metadata.message_type)
+        content = self._wire(message.content, node, self.bytes_down, exchange)
+        inbound = Message(content=content, metadata=message.metadata)
         started = time.perf_counter()
         try:
             reply = self.app(inbound, self.contexts[node])
         except Exception as err:  # a ClientApp exception becomes an error reply, as in Flower
             reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=inbound)
-        seconds = time.perf_counter() - started
-        per_node = self.client_seconds[message.metadata.message_type]
-        per_node[node] = per_node.get(node, 0.0) + seconds
+        exchange.client_seconds[node] = time.perf_counter() - started
         if reply.has_error():
             return reply
-        return Message(content=self._wire(reply.content), metadata=reply.metadata)
+        content = self._wire(reply.content, node, self.bytes_up, exchange)
+        return Message(content=content, metadata=reply.metadata)
 
-    def _wire(self, content: RecordDict) -> RecordDict:
-        return recorddict_from_proto(recorddict_to_proto(content)) if self.serialize else content
+    def _wire(self, content: RecordDict, node: int, tally: dict[int, int],
+              exchange: Exchange) -> RecordDict:
+        if not self.serialize:
+            return content
+        started = time.perf_counter()
+        proto = recorddict_to_proto(content)
+        tally[node] = tally.get(node, 0) + proto.ByteSize()
+        content = recorddict_from_proto(proto)
+        exchange.wire_seconds += time.perf_counter() - started
+        return content

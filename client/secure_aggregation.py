@@ -2,14 +2,16 @@
 
 Deployment starts a fresh ClientApp process for every message, so everything a
 client must remember between the stages of a round (its private keys, its
-self-mask seed, the shares it holds, its encoded update) lives in
-``context.state`` under ``secagg-state`` / ``secagg-input``, never in module
-globals; the secrets are erased once the client has answered the unmask stage.
+self-mask seed, the shares it holds) lives in ``context.state["secagg-state"]``,
+never in module globals; the secrets are erased once the client has answered the
+unmask stage.
 
-The setup stage runs the ordinary train handler (local training, DP, codec) and
-decodes its upload, so secure aggregation composes with whatever that handler
-does; the update is then clipped, weighted and quantized (``FixedPoint``), and
-leaves the client only masked. See ``sepal.secagg.protocol`` for the messages.
+As in Bonawitz et al. and Flower, the client trains in the masked-input stage, so
+no update waits in ``context.state`` (which deployment ships between the SuperNode
+and every ClientApp process). That stage runs the ordinary train handler (local
+training, DP, codec) and decodes its upload, so secure aggregation composes with
+whatever that handler does; the update is then clipped, weighted and quantized
+(``FixedPoint``) and leaves the client only masked. See ``sepal.secagg.protocol``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ from sepal.secagg.protocol import (
 log = logging.getLogger("sepal.client")
 
 STATE_KEY = "secagg-state"
-INPUT_KEY = "secagg-input"
 SECRET_FIELDS = ("envelope-private", "mask-private", "seed", "seed-shares", "key-shares")
 
 TrainHandler = Callable[[Message, Context], Message]
@@ -64,14 +65,14 @@ TrainHandler = Callable[[Message, Context], Message]
 
 def register_secure_aggregation(app: ClientApp, train: TrainHandler) -> None:
     """Route the four ``train.secagg_*`` message types of ``app`` to the handlers."""
-    app.train(ACTIONS[SETUP])(lambda msg, context: setup(msg, context, train))
+    app.train(ACTIONS[SETUP])(setup)
     app.train(ACTIONS[SHARE_KEYS])(share_keys)
-    app.train(ACTIONS[MASKED_INPUT])(masked_input)
+    app.train(ACTIONS[MASKED_INPUT])(lambda msg, context: masked_input(msg, context, train))
     app.train(ACTIONS[UNMASK])(unmask)
 
 
-def setup(msg: Message, context: Context, train: TrainHandler) -> Message:
-    """Train, encode the update in fixed point, keep it with fresh key pairs; send the public keys."""
+def setup(msg: Message, context: Context) -> Message:
+    """Check the round's parameters, make two fresh key pairs; send the public keys."""
     tag, stage = RoundTag.read(msg.content)
     if stage != SETUP or tag.run_id != msg.metadata.run_id:
         raise SecAggError(f"setup handler got a '{stage}' message of run {tag.run_id}")
@@ -81,27 +82,10 @@ def setup(msg: Message, context: Context, train: TrainHandler) -> Message:
     if clients < 2 or bits != sum_bits(cfg.secagg_value_bits, clients):
         raise SecAggError(f"setup asks for {bits}-bit sums of {clients} clients; with "
                           f"secagg-value-bits {cfg.secagg_value_bits} that would wrap around")
-
-    reply = train(msg, context)
-    if reply.has_error():
-        raise SecAggError(f"local training failed: {reply.error.reason}")
-    update, metrics = _decoded_update(msg, reply)
-    examples = int(metrics[wire.NUM_EXAMPLES])
-    fixed = FixedPoint(cfg.secagg_clip, cfg.secagg_value_bits, bits)
-    values, clipped = fixed.encode(update, weight_of(examples, cfg.secagg_max_examples),
-                                   np.random.default_rng())
-    if clipped:
-        log.info("secure aggregation: %d of %d update values clipped to +-%g", clipped,
-                 update.size, cfg.secagg_clip)
-    scalars = encode_scalars(examples, cfg.secagg_max_examples,
-                             float(metrics.get("train-loss", float("nan"))),
-                             float(metrics.get("train-accuracy", float("nan"))), clipped)
-
     envelope_keys, mask_keys = KeyPair.generate(), KeyPair.generate()
-    context.state[INPUT_KEY] = ArrayRecord({"values": _array(values), "scalars": _array(scalars)})
     context.state[STATE_KEY] = ConfigRecord({
         "run-id": tag.run_id, "server-round": tag.server_round, "round-id": tag.round_id,
-        "stage": SETUP, "node": msg.metadata.dst_node_id, "sum-bits": bits, "dim": update.size,
+        "stage": SETUP, "node": msg.metadata.dst_node_id, "sum-bits": bits,
         "envelope-private": envelope_keys.private, "envelope-public": envelope_keys.public,
         "mask-private": mask_keys.private, "mask-public": mask_keys.public,
     })
@@ -142,8 +126,8 @@ def share_keys(msg: Message, context: Context) -> Message:
     return _reply(msg, tag, SHARE_KEYS, {SHARES_KEY: shares})
 
 
-def masked_input(msg: Message, context: Context) -> Message:
-    """Open the neighbours' envelopes; upload the update under self and pairwise masks."""
+def masked_input(msg: Message, context: Context, train: TrainHandler) -> Message:
+    """Open the neighbours' envelopes, train, upload the update under self and pairwise masks."""
     state, tag = _state_for(msg, context, MASKED_INPUT)
     me, nodes = state["node"], list(state["nodes"])
     senders = config_field(msg.content, SHARES_KEY, "senders", list, int)
@@ -175,9 +159,7 @@ def masked_input(msg: Message, context: Context) -> Message:
         seed_shares.append(seed_share)
         key_shares.append(key_share)
 
-    stored = context.state[INPUT_KEY]
-    values = stored["values"].numpy().copy()
-    scalars = stored["scalars"].numpy().copy()
+    values, scalars = _encoded_update(msg, context, train, state["sum-bits"])
     masks = VectorMasks(values.size, state["sum-bits"], len(SCALARS))
     masks.add(values, scalars, derive(state["seed"], SELF_MASK, tag.context))
     for sender in senders:  # every sender the server forwarded, as the server will assume
@@ -188,7 +170,6 @@ def masked_input(msg: Message, context: Context) -> Message:
     if fixed_bits < 8 * values.itemsize:
         np.bitwise_and(values, values.dtype.type((1 << fixed_bits) - 1), out=values)
 
-    del context.state[INPUT_KEY]
     state.update({"stage": MASKED_INPUT, "masked-with": senders, "share-owners": owners,
                   "seed-shares": seed_shares, "key-shares": key_shares})
     masked = ArrayRecord({"values": _array(pack(values, fixed_bits)), "scalars": _array(scalars)})
@@ -263,6 +244,28 @@ def _check_neighbourhood(state, context, nodes, envelope_keys, mask_keys, thresh
     if not floor <= threshold <= len(nodes):
         raise SecAggError(f"threshold {threshold} for a neighbourhood of {len(nodes)} is below "
                           f"this run's floor {floor} (secagg-threshold {fraction}) or above it")
+
+
+def _encoded_update(msg: Message, context: Context, train: TrainHandler,
+                    bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run the train handler; its update clipped, weighted and quantized in Z_(2^b), and the
+    scalars (examples, weighted loss and accuracy, clipped count) in Z_(2^64)."""
+    reply = train(msg, context)
+    if reply.has_error():
+        raise SecAggError(f"local training failed: {reply.error.reason}")
+    update, metrics = _decoded_update(msg, reply)
+    cfg = SecAggConfig.from_mapping(context.run_config)
+    examples = int(metrics[wire.NUM_EXAMPLES])
+    fixed = FixedPoint(cfg.secagg_clip, cfg.secagg_value_bits, bits)
+    values, clipped = fixed.encode(update, weight_of(examples, cfg.secagg_max_examples),
+                                   np.random.default_rng())
+    if clipped:
+        log.info("secure aggregation: %d of %d update values clipped to +-%g", clipped,
+                 update.size, cfg.secagg_clip)
+    scalars = encode_scalars(examples, cfg.secagg_max_examples,
+                             float(metrics.get("train-loss", float("nan"))),
+                             float(metrics.get("train-accuracy", float("nan"))), clipped)
+    return values, scalars
 
 
 def _decoded_update(msg: Message, reply: Message) -> tuple[np.ndarray, object]:

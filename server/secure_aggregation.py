@@ -126,8 +126,9 @@ def check_strategy(strategy: Strategy) -> None:
 
 def check_codec(spec: str) -> None:
     """Refuse codecs whose upload is sparse per client: masking would densify it."""
-    name = spec.split(":")[0].strip().lower().replace("-", "").replace("_", "")
-    if name.startswith(("topk", "randk", "sparse")):
+    stages = [part.split(":")[0].strip().lower().replace("-", "").replace("_", "")
+              for part in spec.split(",")]
+    if any(stage.startswith(("topk", "randk", "sparse")) for stage in stages):
         raise ConfigError(
             f"run config 'upload-codec' = {spec!r} cannot be combined with "
             "'secure-aggregation': each client picks its own coordinates, and a masked "
@@ -197,9 +198,10 @@ class SecureAggregation:
         result.sum_bits, result.threshold = state.fixed.sum_bits, state.threshold
         try:
             self._require(state, len(nodes), "sampled")
-            for stage, step in ((SETUP, lambda: self.setup(state, messages, result)),
+            for stage, step in ((SETUP, lambda: self.setup(state, result)),
                                 (SHARE_KEYS, lambda: self.share_keys(state, result)),
-                                (MASKED_INPUT, lambda: self.masked_input(state, result)),
+                                (MASKED_INPUT, lambda: self.masked_input(state, messages,
+                                                                         result)),
                                 (UNMASK, lambda: self.unmask(state, result))):
                 started = time.perf_counter()
                 step()
@@ -213,14 +215,11 @@ class SecureAggregation:
 
     # -- stages ------------------------------------------------------------------------
 
-    def setup(self, state: _RoundState, messages: list[Message], result: SecureRound) -> None:
-        """Send the model and the round's parameters; collect two public keys per client."""
+    def setup(self, state: _RoundState, result: SecureRound) -> None:
+        """Send the round's parameters; collect two public keys per client."""
         params = ConfigRecord({"clients": len(state.active), "sum-bits": state.fixed.sum_bits})
-        outgoing = []
-        for message in messages:
-            content = RecordDict({**message.content,
-                                  HEADER_KEY: state.tag.header(SETUP), PARAMS_KEY: params})
-            outgoing.append(self._message(state, message.metadata.dst_node_id, SETUP, content))
+        content = RecordDict({HEADER_KEY: state.tag.header(SETUP), PARAMS_KEY: params})
+        outgoing = [self._message(state, node, SETUP, content) for node in state.active]
         seen_keys: set[bytes] = set()
 
         def read(node: int, reply: Message) -> None:
@@ -233,7 +232,7 @@ class SecureAggregation:
             seen_keys.update((envelope_key, mask_key))
             state.keys[node] = (envelope_key, mask_key)
 
-        self._exchange(state, SETUP, outgoing, self.train_timeout, result, read)
+        self._exchange(state, SETUP, outgoing, self.config.secagg_stage_timeout, result, read)
         state.active = sorted(state.keys)
         self._require(state, len(state.active), "setup")
         state.k = graph.neighbour_count(len(state.active), state.k)
@@ -275,14 +274,17 @@ class SecureAggregation:
                                    f"neighbourhood left after share-keys < threshold "
                                    f"{state.threshold}")
 
-    def masked_input(self, state: _RoundState, result: SecureRound) -> None:
-        """Forward the envelopes; collect and sum the masked inputs."""
+    def masked_input(self, state: _RoundState, messages: list[Message],
+                     result: SecureRound) -> None:
+        """Forward the envelopes with the model; collect and sum the masked inputs."""
+        train_content = {m.metadata.dst_node_id: m.content for m in messages}
         outgoing = []
         for node in state.active:
             pairs = state.forwarded[node]
             shares = ConfigRecord({"senders": [s for s, _ in pairs],
                                    "envelopes": [e for _, e in pairs]})
-            content = RecordDict({HEADER_KEY: state.tag.header(MASKED_INPUT), SHARES_KEY: shares})
+            content = RecordDict({**train_content[node], HEADER_KEY: state.tag.header(MASKED_INPUT),
+                                  SHARES_KEY: shares})
             outgoing.append(self._message(state, node, MASKED_INPUT, content))
         state.forwarded = {node: [s for s, _ in pairs] for node, pairs in state.forwarded.items()}
         expected_bytes = packed_size(state.dim, state.fixed.sum_bits)
@@ -306,8 +308,7 @@ class SecureAggregation:
                 if sender in state.forwarded[node]:
                     accused.setdefault(sender, node)
 
-        self._exchange(state, MASKED_INPUT, outgoing, self.config.secagg_stage_timeout, result,
-                       read)
+        self._exchange(state, MASKED_INPUT, outgoing, self.train_timeout, result, read)
         for sender, accuser in accused.items():
             reason = (f"node {accuser} could not open its share envelope (failed authentication: "
                       "tampered, replayed or malformed)")
@@ -393,7 +394,7 @@ class SecureAggregation:
         does not answer in time is recorded as failed / timed out; a reply with a foreign
         header or one ``read`` refuses (SecAggError) is recorded as rejected and logged.
         """
-        model_bytes: dict[int, int] = {}  # the model record is shared by all setup messages
+        model_bytes: dict[int, int] = {}  # the model record is shared by all nodes' messages
         for message in outgoing if self.count_bytes else ():
             node = message.metadata.dst_node_id
             result.bytes_down[node] = result.bytes_down.get(node, 0) + \

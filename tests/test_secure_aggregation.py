@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import (
 )
 from scipy import stats
 
-from client.secure_aggregation import INPUT_KEY, STATE_KEY, register_secure_aggregation
+from client.secure_aggregation import STATE_KEY, register_secure_aggregation
 from sepal import wire
 from sepal.codecs import DenseCodec
 from sepal.config import ConfigError, RunConfig
@@ -139,7 +139,7 @@ def test_unmasked_sum_equals_plaintext_weighted_sum_and_secrets_are_erased():
         assert state["stage"] == UNMASK
         assert not {"seed", "mask-private", "envelope-private", "seed-shares",
                     "key-shares"} & set(state.keys())
-        assert INPUT_KEY not in context.state
+        assert list(context.state.keys()) == [STATE_KEY]  # no update kept between messages
 
 
 def test_a_masked_upload_is_indistinguishable_from_uniform():
@@ -324,9 +324,11 @@ def test_fedavg_family_accepts_the_single_secure_reply(strategy):
 
 
 def test_per_client_top_k_is_refused():
-    with pytest.raises(ConfigError, match="upload-codec.*top-k would lose"):
-        check_codec("topk:0.01")
+    for chain in ("topk:0.01", "ef,topk:0.001:global,q8", "top-k:100"):
+        with pytest.raises(ConfigError, match="upload-codec.*top-k would lose"):
+            check_codec(chain)
     check_codec("dense")
+    check_codec("q8:256,zlib")
 
 
 @pytest.mark.parametrize("strategy_class", [FedAvg, FedAdam])

@@ -53,15 +53,16 @@ class FixedPoint:
         """(v mod 2^b as words, number of coordinates clipped) for ``weight * clip(values)``."""
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"weight must be in [0, 1], got {weight}")
-        work = np.float64 if self.value_bits > 24 else np.float32  # float32 is exact below 2^24
-        scaled = np.asarray(values, dtype=work)
+        work = np.float32 if self.value_bits <= 24 else np.float64  # float32: exact below 2^24
+        scaled = np.array(values, dtype=work)  # a copy, worked on in place
         clipped = int(np.count_nonzero(np.abs(scaled) > self.clip))
-        scaled = np.clip(scaled, -self.clip, self.clip) * work(weight / self.step)
+        np.clip(scaled, -self.clip, self.clip, out=scaled)
+        scaled *= work(weight / self.step)
         scaled += rng.random(scaled.shape, dtype=work)
         np.floor(scaled, out=scaled)
         np.clip(scaled, -self.levels, self.levels, out=scaled)  # float rounding at the edge
-        signed = scaled.astype(np.int64)
-        return signed.astype(self.dtype), clipped  # two's complement wraps mod 2^word
+        signed = np.int32 if self.dtype == np.uint32 else np.int64
+        return scaled.astype(signed).view(self.dtype), clipped  # two's complement = mod 2^word
 
     def reduce(self, words: np.ndarray) -> np.ndarray:
         """Words mod 2^b (in place)."""

@@ -6,10 +6,10 @@ reply (message type ``train.<action>``, routed by ``@app.train(action)``):
 =============  =========================================  ==============================
 stage          server -> client                           client -> server
 =============  =========================================  ==============================
-setup          global model + train config, parameters    public keys (mask, envelope)
+setup          n and b                                    public keys (mask, envelope)
 share-keys     neighbours' public keys, threshold t       share envelopes, seed commitment
-masked-input   envelopes addressed to the client          masked vector (b-bit packed),
-                                                          senders whose envelope failed
+masked-input   global model + train config, envelopes     masked update (b-bit packed),
+               addressed to the client                    senders whose envelope failed
 unmask         survivors and dropped among neighbours     seed shares of survivors,
                                                           mask-key shares of the dropped
 =============  =========================================  ==============================
@@ -37,7 +37,7 @@ ACTIONS = {SETUP: "secagg_setup", SHARE_KEYS: "secagg_share_keys",
            MASKED_INPUT: "secagg_masked_input", UNMASK: "secagg_unmask"}
 
 HEADER_KEY = "secagg"
-PARAMS_KEY = "secagg-params"    # setup: clip, value-bits, sum-bits, max-examples, clients
+PARAMS_KEY = "secagg-params"    # setup: clients (n sampled), sum-bits (b)
 KEYS_KEY = "secagg-keys"        # setup reply: envelope-key, mask-key;
                                 # share-keys: nodes, envelope-keys, mask-keys, threshold
 SHARES_KEY = "secagg-shares"    # share-keys reply: recipients, envelopes, seed-commitment;

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.local_training import LocalTraining
+from client.secure_aggregation import register_secure_aggregation
 from sepal import wire
 from sepal.codecs import build_codec
 from sepal.codecs.downlink import receive_global
@@ -72,6 +73,9 @@ def train(msg: Message, context: Context) -> Message:
     if privacy:
         content[wire.PRIVACY_KEY] = privacy.report()
     return Message(content=content, reply_to=msg)
+
+
+register_secure_aggregation(app, train)
 
 
 @app.evaluate()

@@ -19,9 +19,9 @@ from sepal.privacy import DPSGDSettings, UserLevelDPSettings, check_run_settings
 from sepal.task import centralized_train_split
 from server.central_dp import wrap_with_user_level_dp
 from server.evaluation import ServerEvaluator
-from server.federation import Federation
 from server.privacy_monitor import PrivacyMonitor
 from server.run_output import RunOutput
+from server.secure_aggregation import federation_class
 from strategies import build_strategy
 
 log = logging.getLogger("sepal.server")
@@ -51,6 +51,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     strategy = wrap_with_user_level_dp(
         strategy, UserLevelDPSettings.from_run_config(context.run_config), grid, cfg)
+    make_federation = federation_class(context.run_config, strategy)  # refuses bad combinations
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
     output = RunOutput(Path(cfg.output_dir) / run_name, dataclasses.asdict(cfg))
     log.info("run outputs in %s", output.folder.resolve())
@@ -58,10 +59,10 @@ def main(grid: Grid, context: Context) -> None:
     initial = get_weights(lora.apply(build_model(cfg.model, label_names, cfg.seed)))
     evaluator = ServerEvaluator(cfg, label_names, lora)
     compression = CompressionConfig.from_mapping(context.run_config)
-    federation = Federation(grid, strategy, cfg, label_names, evaluator, output,
-                            train_config={"upload-codec": compression.upload_codec},
-                            downlink=downlink_for(compression),
-                            privacy=PrivacyMonitor(cfg.min_train_nodes, strategy))
+    federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
+                                 train_config={"upload-codec": compression.upload_codec},
+                                 downlink=downlink_for(compression),
+                                 privacy=PrivacyMonitor(cfg.min_train_nodes, strategy))
     final = federation.run(initial)
     evaluator.export(final, output.model_path)
     output.close()

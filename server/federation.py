@@ -77,14 +77,14 @@ class Federation:
             self.downlink.settle(bytes_down, set(decoded.failed) | set(decoded.timed_out))
         record: dict[str, Any] = {
             "round": server_round,
-            "clients": len(decoded.accepted),
+            "clients": decoded.clients,
             "sampled": len(messages),
             "failed": len(decoded.failed),
             "rejected": len(decoded.rejected),
             "timed_out": len(decoded.timed_out),
             "refused": len(decoded.refused),
         }
-        if len(decoded.accepted) >= self.cfg.min_train_nodes:
+        if decoded.accepted and decoded.clients >= self.cfg.min_train_nodes:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
                                                                       decoded.accepted)
             if new_arrays is not None:
@@ -92,7 +92,7 @@ class Federation:
             record.update(_train_summary(decoded.accepted, train_metrics))
         else:
             log.warning("round %d: %d valid update(s) < min-train-nodes %d; global model kept",
-                        server_round, len(decoded.accepted), self.cfg.min_train_nodes)
+                        server_round, decoded.clients, self.cfg.min_train_nodes)
             record["skipped"] = True
         record.update(self.privacy.round_record(decoded, len(list(self.grid.get_node_ids()))))
         record.update(self._evaluate(weights))
@@ -102,6 +102,7 @@ class Federation:
         record.update(transfer_metrics(decoded.bytes_up, bytes_down,
                                        dense_upload_size(weights, _any_metrics(decoded)),
                                        dense_down))
+        record.update(decoded.summary)
         record["wall_time_s"] = round(time.time() - round_start, 3)
         record["elapsed_s"] = round(time.time() - started, 3)
         self.output.record_round(record)

@@ -32,6 +32,14 @@ class DecodedRound:
     timed_out: list[int] = dataclasses.field(default_factory=list)  # no reply in time
     refused: dict[int, Refusal] = dataclasses.field(default_factory=dict)  # privacy budget
     privacy: dict[int, ConfigRecord] = dataclasses.field(default_factory=dict)  # ε reports
+    # Clients behind ``accepted`` when a reply stands for several (secure aggregation
+    # sends one pre-summed reply); None: one reply per client.
+    contributors: int | None = None
+    summary: dict = dataclasses.field(default_factory=dict)  # extra fields of the round record
+
+    @property
+    def clients(self) -> int:
+        return len(self.accepted) if self.contributors is None else self.contributors
 
 
 def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.ndarray],

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from flwr.serverapp.strategy import Strategy
+
 from sepal.privacy.refusal import Refusal
 from server.central_dp import UserLevelDP
 from server.uploads import DecodedRound
@@ -20,7 +22,9 @@ log = logging.getLogger("sepal.server")
 
 
 class PrivacyMonitor:
-    def __init__(self, min_train_nodes: int, strategy: object = None):
+    """Per-client ε, refusals and stopped sites, user-level ε; decides when to stop."""
+
+    def __init__(self, min_train_nodes: int, strategy: Strategy | None = None):
         self.min_train_nodes = min_train_nodes
         self.user_level = strategy if isinstance(strategy, UserLevelDP) else None
         self.epsilon: dict[int, float] = {}

@@ -24,6 +24,8 @@ from sepal import wire
 from sepal.config import ConfigError, RunConfig
 from sepal.privacy import UserLevelDPSettings, clip_update
 from server.central_dp import UserLevelDP, wrap_with_user_level_dp
+from server.privacy_monitor import PrivacyMonitor
+from server.uploads import decode_replies
 
 NODES = [11, 22, 33]
 CFG = RunConfig(min_train_nodes=3, min_available_nodes=3)
@@ -184,3 +186,32 @@ def test_client_side_clipping_bounds_the_update_before_it_is_encoded():
     with pytest.raises(ValueError, match="sent no 'clipping_norm'"):
         clip_update(OrderedDict(a=np.ones(2, np.float32)), ConfigRecord(), fixed)
     assert clip_update(big, ConfigRecord(), UserLevelDPSettings(user_dp="server-fixed")) == {}
+
+
+def answer(node: int, **records) -> Message:
+    metadata = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id=f"m{node}", group_id="1", created_at=time.time(),
+                        ttl=60.0, message_type="train")
+    return Message(content=RecordDict(records), metadata=metadata)
+
+
+def test_server_sorts_refusals_and_stops_when_too_few_sites_can_train():
+    exhausted = ConfigRecord({"code": "budget-exhausted", "reason": "next round passes 2.0"})
+    replies = [
+        answer(11, refusal=exhausted, privacy=ConfigRecord({"epsilon": 1.5, "delta": 1e-5})),
+        answer(22, refusal=ConfigRecord({"code": "tired", "reason": "no"})),
+    ]
+    decoded = decode_replies(replies, OrderedDict(w=np.zeros(DIM, np.float32)))
+    assert not decoded.accepted and "malformed refusal" in decoded.rejected[22]
+    assert decoded.refused[11].code == "budget-exhausted"
+    monitor = PrivacyMonitor(min_train_nodes=2)
+    record = monitor.round_record(decoded, connected_nodes=3)
+    assert record["epsilon_per_client"] == {"11": 1.5} and record["sites_stopped"] == ["11"]
+    assert monitor.stop_reason is None  # two sites can still train
+
+    again = decode_replies([answer(11, refusal=exhausted), answer(33, refusal=ConfigRecord(
+        {"code": "invalid-setting", "reason": "node config 'dp-delta' ..."}))],
+        OrderedDict(w=np.zeros(DIM, np.float32)))
+    record = monitor.round_record(again, connected_nodes=3)
+    assert record["sites_stopped"] == ["11", "33"]
+    assert record["run_stopped"].startswith("only 1 site(s) can still train")

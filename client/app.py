@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.debug_delay import slow_down_for_tests
 from client.local_training import LocalTraining
 from sepal import wire
 from sepal.codecs import build_codec
@@ -31,6 +32,7 @@ def train(msg: Message, context: Context) -> Message:
     global_weights = wire.record_to_arrays(msg.content[wire.ARRAYS_KEY])
     label_names = list(config["label-names"])
     server_round = int(config["server-round"])
+    slow_down_for_tests(context.node_config, server_round)
 
     training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)))
     stats = training.run(global_weights, server_round)

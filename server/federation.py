@@ -25,6 +25,8 @@ from flwr.serverapp.strategy import Strategy
 from sepal import wire
 from sepal.config import RunConfig
 from server.evaluation import ServerEvaluator
+from server.late_replies import LateReplies
+from server.progress import round_line
 from server.run_output import RunOutput
 from server.uploads import DecodedRound, decode_replies
 
@@ -43,6 +45,7 @@ class Federation:
         self.output = output
         self.train_config = dict(train_config or {})
         self.arrays_key = getattr(strategy, "arrayrecord_key", wire.ARRAYS_KEY)
+        self.late_replies = LateReplies(grid)
 
     def run(self, weights: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         started = time.time()
@@ -59,6 +62,9 @@ class Federation:
             server_round, wire.arrays_to_record(weights), config, self.grid))
         bytes_down = {m.metadata.dst_node_id: wire.serialized_size(m.content) for m in messages}
         decoded = self.collect_updates(messages, weights)
+        self.late_replies.remember(server_round, messages, decoded.timed_out,
+                                   self.cfg.round_timeout)
+        late = self.late_replies.discard_arrived(server_round)
         record: dict[str, Any] = {
             "round": server_round,
             "clients": len(decoded.accepted),
@@ -66,6 +72,7 @@ class Federation:
             "failed": len(decoded.failed),
             "rejected": len(decoded.rejected),
             "timed_out": len(decoded.timed_out),
+            "late_discarded": len(late),
         }
         if len(decoded.accepted) >= self.cfg.min_train_nodes:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
@@ -84,9 +91,7 @@ class Federation:
         record["wall_time_s"] = round(time.time() - round_start, 3)
         record["elapsed_s"] = round(time.time() - started, 3)
         self.output.record_round(record)
-        log.info("round %d: %d/%d clients, accuracy %.4f, loss %.4f, %.1fs", server_round,
-                 record["clients"], record["sampled"], record["accuracy"], record["loss"],
-                 record["wall_time_s"])
+        log.info(round_line(record, self.cfg.num_server_rounds))
         return weights
 
     def collect_updates(self, messages: list[Message],

@@ -68,7 +68,7 @@ class RunConfig:
                  f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
 
-def parse_section(cls: type, values: Mapping[str, Any]) -> Any:
+def parse_section(cls: type, values: Mapping[str, Any], source: str = "run config") -> Any:
     """Build the dataclass ``cls`` from a kebab-case mapping and validate it.
 
     Each subsystem (privacy, compression, secure aggregation, ...) declares its own
@@ -79,34 +79,34 @@ def parse_section(cls: type, values: Mapping[str, Any]) -> Any:
     for field in dataclasses.fields(cls):
         key = field.name.replace("_", "-")
         if key in values:
-            kwargs[field.name] = _coerce(key, values[key], field.type)
+            kwargs[field.name] = _coerce(f"{source} '{key}'", values[key], field.type)
     section = cls(**kwargs)
     section.validate()
     return section
 
 
-def require(ok: bool, key: str, why: str) -> None:
-    """Raise a ConfigError naming ``key`` unless ``ok``."""
+def require(ok: bool, key: str, why: str, source: str = "run config") -> None:
+    """Raise a ConfigError naming ``key`` (of ``source``: run or node config) unless ``ok``."""
     if not ok:
-        raise ConfigError(f"run config '{key}' {why}")
+        raise ConfigError(f"{source} '{key}' {why}")
 
 
-def _coerce(key: str, value: Any, type_name: Any) -> Any:
+def _coerce(where: str, value: Any, type_name: Any) -> Any:
     type_name = type_name if isinstance(type_name, str) else type_name.__name__
     if type_name == "bool":
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"run config '{key}' must be true or false, got {value!r}")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
     if type_name == "int":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"run config '{key}' must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
         return int(value)
     if type_name == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"run config '{key}' must be a number, got {value!r}")
+            raise ConfigError(f"{where} must be a number, got {value!r}")
         return float(value)
     if not isinstance(value, str):
-        raise ConfigError(f"run config '{key}' must be a string, got {value!r}")
+        raise ConfigError(f"{where} must be a string, got {value!r}")
     return value

@@ -30,13 +30,13 @@ class NodeData:
     num_partitions: int = 0
 
     def validate(self) -> None:
-        require(bool(self.data_path) or self.num_partitions >= 1, "node config",
-                "needs 'data-path' (the site's CSV folder) or 'partition-id' and "
-                "'num-partitions'")
+        require(bool(self.data_path) or self.num_partitions >= 1, "data-path",
+                "is needed (the site's CSV folder), or 'partition-id' and 'num-partitions'",
+                source="node config")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeData:
-        return parse_section(cls, node_config)
+        return parse_section(cls, node_config, source="node config")
 
 
 @functools.lru_cache(maxsize=8)

@@ -32,7 +32,7 @@ def train(msg: Message, context: Context) -> Message:
     global_weights = wire.record_to_arrays(msg.content[wire.ARRAYS_KEY])
     label_names = list(config["label-names"])
     server_round = int(config["server-round"])
-    slow_down_for_tests(context.node_config, server_round)
+    slow_down_for_tests(context.node_config, server_round, msg.metadata.created_at)
 
     training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)))
     stats = training.run(global_weights, server_round)

@@ -1,9 +1,11 @@
 """Test-only slowdown of one SuperNode, to exercise the server's round timeout.
 
-Node config ``debug-delay-s`` (seconds, default 0 = off) makes this node's ClientApp
-sleep that long before it trains, in round ``debug-delay-round`` only (0 = every
-round). It exists for the deployment tests (a slow institution whose late reply the
-server must discard); a real federation never sets it.
+Node config ``debug-delay-s`` (seconds, default 0 = off) holds this node's training
+until that long after the server created the instruction, in round
+``debug-delay-round`` only (0 = every round). Counting from the instruction, not
+from the ClientApp's start, makes the reply's lateness independent of how long
+process start-up takes on a busy machine. It exists for the deployment tests (a slow
+institution whose late reply the server must discard); a real federation never sets it.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ class DebugDelay:
         return self.debug_delay_s > 0 and self.debug_delay_round in (0, server_round)
 
 
-def slow_down_for_tests(node_config: Mapping[str, Any], server_round: int) -> None:
+def slow_down_for_tests(node_config: Mapping[str, Any], server_round: int,
+                        sent_at: float) -> None:
+    """Sleep until ``debug-delay-s`` after ``sent_at`` (the instruction's creation time)."""
     delay = parse_section(DebugDelay, node_config)
     if delay.applies(server_round):
-        log.warning("debug-delay-s: sleeping %.1fs before training round %d (test-only setting)",
-                    delay.debug_delay_s, server_round)
-        time.sleep(delay.debug_delay_s)
+        remaining = sent_at + delay.debug_delay_s - time.time()
+        log.warning("debug-delay-s: holding round %d for %.1fs more (test-only setting)",
+                    server_round, max(remaining, 0.0))
+        time.sleep(max(remaining, 0.0))

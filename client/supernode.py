@@ -1,4 +1,4 @@
-"""``sepal-supernode``: Flower's ``flower-supernode`` (same options) that says why a connection fails.
+"""``sepal-supernode``: ``flower-supernode`` (same options) that says why a connection fails.
 
 Flower retries a failed connection to the SuperLink with the warning "Connection
 attempt failed, retrying" and logs the reason only at DEBUG level. A SuperNode that

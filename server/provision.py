@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = FederationSpec.from_toml(args.description)
         report = provision(spec, args.out)
-    except (ProvisionError, pki.KeyExistsError) as err:
+    except (ValueError, OSError) as err:  # ProvisionError, unreadable or existing key files
         print(f"sepal-provision: {err}", file=sys.stderr)
         return 2
     out = args.out.resolve()

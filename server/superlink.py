@@ -1,4 +1,4 @@
-"""``sepal-superlink``: Flower's ``flower-superlink`` (same options) that logs refused TLS handshakes.
+"""``sepal-superlink``: ``flower-superlink`` (same options) that logs refused TLS handshakes.
 
 Flower serves every SuperLink API from one uvicorn/asyncio HTTPS server, and asyncio
 drops a failed TLS handshake silently unless the whole event loop runs in debug

@@ -39,7 +39,12 @@ ENTRY_POINTS = {"sepal-superlink": "server.superlink", "sepal-supernode": "clien
 
 
 class LocalDeployment(ProcessGroup):
-    """``with LocalDeployment(workdir) as d: d.start_superlink(); d.start_supernode(...); d.run(cfg)``."""
+    """``with LocalDeployment(workdir) as d:``  ``d.start_superlink()``,
+    ``d.start_supernode(name, node_config)`` for each node, ``d.run(run_config)``.
+
+    With ``federation=`` (a ``sepal-provision`` folder): ``start_superlink()``,
+    ``register_institutions()``, ``start_institution(name)`` for each, ``run(cfg)``.
+    """
 
     def __init__(self, workdir: Path, app_dir: Path = PROJECT_ROOT,
                  federation: Path | None = None):
@@ -153,7 +158,7 @@ class LocalDeployment(ProcessGroup):
                 time.sleep(10)
 
     def submit(self, run_config: dict[str, Any]) -> tuple[subprocess.Popen, Path]:
-        """Start ``flwr run`` for ``run_config``; returns the process and the run's output folder."""
+        """Start ``flwr run`` for ``run_config``; returns the process and the run's folder."""
         run_config = dict(run_config)
         run_config.setdefault("run-name", f"deployment-{time.strftime('%Y%m%d-%H%M%S')}")
         run_config["output-dir"] = str(Path(run_config.get("output-dir", "outputs")).resolve())

@@ -13,8 +13,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from server import pki
 from server.provision import FederationSpec, provision
 from simulations.deployment import LocalDeployment
@@ -25,8 +23,9 @@ INSTITUTIONS = ("alpha", "beta", "gamma")
 ROWS_PER_INSTITUTION = 40
 # A normal round (three ClientApp processes importing torch) takes ~20 s on 2 idle cores
 # and over 60 s when the machine is shared, so the timeout leaves room for that. Beta
-# sleeps a little longer than the timeout in round 2: its reply is certainly late and
-# still arrives before round 3 ends (round 3 waits for fresh ClientApp processes).
+# holds its round-2 reply until 5 s after the timeout (the server polls every 3 s):
+# certainly late, and in before round 3 ends, which needs new ClientApp processes to
+# start, import torch and train.
 ROUND_TIMEOUT = 90.0
 SLOW_DELAY = ROUND_TIMEOUT + 5.0
 

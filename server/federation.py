@@ -98,10 +98,12 @@ class Federation:
                         weights: OrderedDict[str, np.ndarray]) -> DecodedRound:
         """Send the round's train instructions and return the decoded uploads."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        decoded = decode_replies(replies, weights, self.arrays_key)
-        answered = {reply.metadata.src_node_id for reply in replies}
-        decoded.timed_out = [m.metadata.dst_node_id for m in messages
-                             if m.metadata.dst_node_id not in answered]
+        # by instruction: the SuperLink itself answers for a node that went offline
+        instruction_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        decoded = decode_replies(replies, weights, self.arrays_key, instruction_nodes)
+        answered = {reply.metadata.reply_to_message_id for reply in replies}
+        decoded.timed_out = [node for message_id, node in instruction_nodes.items()
+                             if message_id not in answered]
         return decoded
 
     def _evaluate(self, weights) -> dict[str, float]:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
+from collections import OrderedDict
 
+import numpy as np
 import pytest
+from flwr.app import Metadata
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 from client.debug_delay import DebugDelay
 from client.supernode import ConnectionFailureReasons
@@ -14,6 +19,7 @@ from server import pki
 from server.progress import round_line
 from server.provision import FederationSpec, provision
 from server.superlink import check_certificate_expiry
+from server.uploads import decode_replies
 
 
 def test_superlink_logs_its_own_expired_certificate(tmp_path, caplog):
@@ -60,3 +66,18 @@ def test_round_line_has_counts_accuracy_epsilon_bytes_and_seconds():
     assert round_line(record, 3) == (
         "round 2/3, 1/3 answered, 2 failed (1 timed out), 0 refused, accuracy 0.8125, eps 2.25, "
         "up 2.00 MB, down 6.00 MB, 1 late repl(ies) discarded, 12.3s")
+
+
+def test_a_node_the_superlink_answers_for_is_failed_under_its_own_id():
+    """Flower writes "Node Unavailable" for a node whose heartbeats stopped, with the
+    SuperLink as sender: the round must still count that node, once, as failed."""
+    sent = Metadata(run_id=1, message_id="instruction-1", src_node_id=1, dst_node_id=7,
+                    reply_to_message_id="", group_id="2", created_at=time.time(), ttl=3600.0,
+                    message_type="train")
+    reply = create_message_error_unavailable_res_message(sent, "node_unavail")
+    assert reply.metadata.src_node_id != 7
+
+    decoded = decode_replies([reply], OrderedDict(w=np.zeros(2, np.float32)),
+                             instruction_nodes={"instruction-1": 7})
+    assert list(decoded.failed) == [7] and "Node Unavailable" in decoded.failed[7]
+    assert not decoded.accepted

@@ -10,6 +10,8 @@ import csv
 import datetime
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,17 +19,24 @@ from server import pki
 from server.provision import FederationSpec, provision
 from simulations.deployment import LocalDeployment
 from simulations.processes import free_port
-from tests.conftest import TINY_RUN, read_metrics
+from tests.conftest import PROJECT_ROOT, TINY_RUN, read_metrics
 
 INSTITUTIONS = ("alpha", "beta", "gamma")
 ROWS_PER_INSTITUTION = 40
-# A normal round (three ClientApp processes importing torch) takes ~20 s on 2 idle cores
-# and over 60 s when the machine is shared, so the timeout leaves room for that. Beta
-# holds its round-2 reply until 5 s after the timeout (the server polls every 3 s):
-# certainly late, and in before round 3 ends, which needs new ClientApp processes to
-# start, import torch and train.
-ROUND_TIMEOUT = 90.0
-SLOW_DELAY = ROUND_TIMEOUT + 5.0
+# A normal round is dominated by three fresh ClientApp processes importing torch and
+# transformers: ~20 s on 2 idle cores, minutes on a shared, overloaded one. The round
+# timeout is therefore 90 s or 8x the time one such import takes here and now,
+# whichever is larger. Beta holds its round-2 reply until 5 s after the timeout (the
+# server polls every 3 s): certainly late, and in before round 3 ends, which needs new
+# ClientApp processes to start, import and train.
+MIN_ROUND_TIMEOUT = 90.0
+
+
+def _round_timeout() -> float:
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import client.app"], check=True, timeout=600,
+                   cwd=PROJECT_ROOT)
+    return max(MIN_ROUND_TIMEOUT, round(8 * (time.monotonic() - started)))
 
 
 def _write_site(folder: Path, rows: list[list[str]]) -> None:
@@ -86,11 +95,12 @@ def test_three_institutions_with_tls_and_node_auth_survive_a_crash_and_a_slow_no
         _write_site(tmp_path / "data" / name,
                     rows[i * ROWS_PER_INSTITUTION:(i + 1) * ROWS_PER_INSTITUTION])
         institutions[name] = {"data-path": str(tmp_path / "data" / name), "device": "cpu"}
-    institutions["beta"].update({"debug-delay-s": SLOW_DELAY, "debug-delay-round": 2})
+    timeout = _round_timeout()
+    institutions["beta"].update({"debug-delay-s": timeout + 5, "debug-delay-round": 2})
     federation = _federation(tmp_path, "trio", institutions)
 
     config = {**TINY_RUN, "num-server-rounds": 3, "min-train-nodes": 1,
-              "min-available-nodes": 3, "round-timeout": ROUND_TIMEOUT,
+              "min-available-nodes": 3, "round-timeout": timeout,
               "output-dir": str(tmp_path / "outputs"), "run-name": "trio"}
     with LocalDeployment(tmp_path / "deployment", federation=federation) as deployment:
         deployment.start_superlink()

@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.debug_delay import slow_down_for_tests
 from client.local_training import LocalTraining
 from client.secure_aggregation import register_secure_aggregation
 from sepal import wire
@@ -35,6 +36,7 @@ def train(msg: Message, context: Context) -> Message:
     global_weights = receive_global(msg.content, context.state)
     label_names = list(config["label-names"])
     server_round = int(config["server-round"])
+    slow_down_for_tests(context.node_config, server_round, msg.metadata.created_at)
 
     try:
         privacy = ClientPrivacy.for_node(

@@ -28,6 +28,8 @@ from sepal.codecs.measure import dense_upload_size, transfer_metrics
 from sepal.config import RunConfig
 from server.evaluation import ServerEvaluator
 from server.privacy_monitor import PrivacyMonitor
+from server.late_replies import LateReplies
+from server.progress import round_line
 from server.run_output import RunOutput
 from server.uploads import DecodedRound, decode_replies
 
@@ -50,6 +52,7 @@ class Federation:
         self.privacy = privacy or PrivacyMonitor(cfg.min_train_nodes)
         self.arrays_key = getattr(strategy, "arrayrecord_key", wire.ARRAYS_KEY)
         self.downlink = downlink  # compressed global-model deltas, None = dense arrays
+        self.late_replies = LateReplies(grid)
 
     def run(self, weights: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
         started = time.time()
@@ -75,6 +78,9 @@ class Federation:
         decoded = self.collect_updates(messages, weights)
         if self.downlink is not None:
             self.downlink.settle(bytes_down, set(decoded.failed) | set(decoded.timed_out))
+        self.late_replies.remember(server_round, messages, decoded.timed_out,
+                                   self.cfg.round_timeout)
+        late = self.late_replies.discard_arrived(server_round)
         record: dict[str, Any] = {
             "round": server_round,
             "clients": decoded.clients,
@@ -83,6 +89,7 @@ class Federation:
             "rejected": len(decoded.rejected),
             "timed_out": len(decoded.timed_out),
             "refused": len(decoded.refused),
+            "late_discarded": len(late),
         }
         if decoded.accepted and decoded.clients >= self.cfg.min_train_nodes:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
@@ -106,19 +113,19 @@ class Federation:
         record["wall_time_s"] = round(time.time() - round_start, 3)
         record["elapsed_s"] = round(time.time() - started, 3)
         self.output.record_round(record)
-        log.info("round %d: %d/%d clients, accuracy %.4f, loss %.4f, %.1fs", server_round,
-                 record["clients"], record["sampled"], record["accuracy"], record["loss"],
-                 record["wall_time_s"])
+        log.info(round_line(record, self.cfg.num_server_rounds))
         return weights
 
     def collect_updates(self, messages: list[Message],
                         weights: OrderedDict[str, np.ndarray]) -> DecodedRound:
         """Send the round's train instructions and return the decoded uploads."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        decoded = decode_replies(replies, weights, self.arrays_key)
-        answered = {reply.metadata.src_node_id for reply in replies}
-        decoded.timed_out = [m.metadata.dst_node_id for m in messages
-                             if m.metadata.dst_node_id not in answered]
+        # by instruction: the SuperLink itself answers for a node that went offline
+        instruction_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        decoded = decode_replies(replies, weights, self.arrays_key, instruction_nodes)
+        answered = {reply.metadata.reply_to_message_id for reply in replies}
+        decoded.timed_out = [node for message_id, node in instruction_nodes.items()
+                             if message_id not in answered]
         return decoded
 
     def _evaluate(self, weights) -> dict[str, float]:

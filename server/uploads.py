@@ -43,12 +43,16 @@ class DecodedRound:
 
 
 def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.ndarray],
-                   arrays_key: str = wire.ARRAYS_KEY) -> DecodedRound:
+                   arrays_key: str = wire.ARRAYS_KEY,
+                   instruction_nodes: dict[str, int] | None = None) -> DecodedRound:
+    """``instruction_nodes`` (message id -> node id) names the node of an error reply
+    the SuperLink wrote itself ("Node Unavailable"), whose sender is the SuperLink."""
     shapes = {name: array.shape for name, array in global_arrays.items()}
     result = DecodedRound([], {}, {}, {}, {})
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
+            node = (instruction_nodes or {}).get(reply.metadata.reply_to_message_id, node)
             result.failed[node] = reply.error.reason
             log.warning("client %d failed this round: %s", node, reply.error.reason)
             continue

@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.attack import TestAttack, apply_test_attack
 from client.local_training import LocalTraining
 from sepal import wire
 from sepal.codecs import build_codec
@@ -33,11 +34,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
 
     training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)))
-    stats = training.run(global_weights, server_round)
+    stats = training.run(global_weights, server_round,
+                         proximal_mu=float(config.get("proximal-mu", 0.0)))  # sent by FedProx
     update = OrderedDict(
         (name, (local - global_weights[name]).astype(np.float32))
         for name, local in training.local_weights().items()
     )
+    update = apply_test_attack(update, TestAttack.from_mapping(context.run_config), node)
 
     codec = build_codec(str(config.get("upload-codec", "dense")))
     state = context.state.get(CODEC_STATE_KEY) if CODEC_STATE_KEY in context.state else None

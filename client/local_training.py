@@ -8,6 +8,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from client.proximal import proximal_step
 from sepal.config import RunConfig
 from sepal.data import DataError, make_loader
 from sepal.model import build_model, get_weights, set_weights
@@ -34,7 +35,8 @@ class LocalTraining:
     def load(self, weights: OrderedDict[str, np.ndarray]) -> None:
         set_weights(self.model, weights)
 
-    def run(self, global_weights: OrderedDict[str, np.ndarray], server_round: int) -> LocalStats:
+    def run(self, global_weights: OrderedDict[str, np.ndarray], server_round: int,
+            proximal_mu: float = 0.0) -> LocalStats:
         self.load(global_weights)
         dataset = tokenized_node_split(self.cfg, self.node, self.cfg.train_split)
         max_label = int(dataset.labels.max())
@@ -49,6 +51,8 @@ class LocalTraining:
         optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.learning_rate
         )
+        if proximal_mu > 0:  # FedProx
+            optimizer.register_step_post_hook(proximal_step(self.model, global_weights, proximal_mu))
         stats = train_epochs(self.model, loader, optimizer, self.cfg.local_epochs, self.device,
                              description=f"round {server_round}")
         return LocalStats(**dataclasses.asdict(stats), examples_in_split=len(dataset))

@@ -13,10 +13,13 @@ from flwr.serverapp import Grid, ServerApp
 from sepal.config import RunConfig
 from sepal.model import build_model, get_weights
 from sepal.task import centralized_train_split
+from server.checkpoint import CheckpointConfig, open_checkpoints
 from server.evaluation import ServerEvaluator
 from server.federation import Federation
 from server.run_output import RunOutput
-from strategies import build_strategy
+from server.validation import UpdateValidator, ValidationConfig
+from strategies import StrategyConfig, build_strategy, strategy_traits
+from strategies.compatibility import active_wrappers, check_composition
 
 log = logging.getLogger("sepal.server")
 
@@ -27,11 +30,19 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    serve(grid, context)
+
+
+def serve(grid: Grid, context: Context) -> Path:
+    """Everything the ServerApp does for one run; returns the run's output folder."""
     cfg = RunConfig.from_mapping(context.run_config)
     label_names = centralized_train_split(cfg).label_names
+    chosen = StrategyConfig.from_mapping(context.run_config)
+    check_composition(chosen.strategy, strategy_traits(chosen.strategy),
+                      active_wrappers(context.run_config))
     strategy = build_strategy(
-        str(context.run_config.get("strategy", "fedavg")),
-        params={},
+        chosen.strategy,
+        params=chosen.params(),
         common={
             "fraction_train": cfg.fraction_train,
             "fraction_evaluate": cfg.fraction_evaluate,
@@ -40,15 +51,20 @@ def main(grid: Grid, context: Context) -> None:
             "min_available_nodes": cfg.min_available_nodes,
         },
     )
+    validator = UpdateValidator(ValidationConfig.from_mapping(context.run_config))
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
+    checkpoints, resume_from = open_checkpoints(
+        CheckpointConfig.from_mapping(context.run_config), cfg, run_name, context.run_config)
     output = RunOutput(Path(cfg.output_dir) / run_name, dataclasses.asdict(cfg))
     log.info("run outputs in %s", output.folder.resolve())
 
     initial = get_weights(build_model(cfg.model, label_names, cfg.seed))
     evaluator = ServerEvaluator(cfg, label_names)
     federation = Federation(grid, strategy, cfg, label_names, evaluator, output,
-                            train_config={"upload-codec": "dense"})
-    final = federation.run(initial)
+                            train_config={"upload-codec": "dense"}, validator=validator,
+                            checkpoints=checkpoints)
+    final = federation.run(initial, resume_from=resume_from)
     evaluator.export(final, output.model_path)
     output.close()
     log.info("final model saved to %s", output.model_path.resolve())
+    return output.folder

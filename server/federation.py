@@ -6,13 +6,19 @@ ServerApp drives the same steps itself while the strategy keeps doing what it do
 (``configure_train``, ``aggregate_train``, ``configure_evaluate``,
 ``aggregate_evaluate``). One round:
 
-    configure_train -> send/receive -> decode uploads -> aggregate_train
-    -> evaluate (server, optionally clients) -> record
+    configure_train -> send/receive -> decode + validate uploads -> aggregate_train
+    -> evaluate (server, optionally clients) -> record -> checkpoint
+
+Node sampling is reproducible: Flower samples with ``random.sample`` over the grid's
+node ids, so the round loop hands the strategy the ids sorted and seeds Python's
+``random`` per (seed, round) just before. A resumed round therefore samples the
+same nodes as the interrupted one did (while the same SuperNodes are connected).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import OrderedDict
 from typing import Any
@@ -24,9 +30,12 @@ from flwr.serverapp.strategy import Strategy
 
 from sepal import wire
 from sepal.config import RunConfig
+from server.checkpoint import Checkpoint, Checkpointer, capture_rng, restore_rng
 from server.evaluation import ServerEvaluator
 from server.run_output import RunOutput
 from server.uploads import DecodedRound, decode_replies
+from server.validation import UpdateValidator
+from strategies.state import load_strategy_state, strategy_state
 
 log = logging.getLogger("sepal.server")
 
@@ -34,7 +43,9 @@ log = logging.getLogger("sepal.server")
 class Federation:
     def __init__(self, grid: Grid, strategy: Strategy, cfg: RunConfig, label_names: list[str],
                  evaluator: ServerEvaluator, output: RunOutput,
-                 train_config: dict[str, Any] | None = None):
+                 train_config: dict[str, Any] | None = None,
+                 validator: UpdateValidator | None = None,
+                 checkpoints: Checkpointer | None = None):
         self.grid = grid
         self.strategy = strategy
         self.cfg = cfg
@@ -42,23 +53,47 @@ class Federation:
         self.evaluator = evaluator
         self.output = output
         self.train_config = dict(train_config or {})
+        self.validator = validator or UpdateValidator()
+        self.checkpoints = checkpoints
         self.arrays_key = getattr(strategy, "arrayrecord_key", wire.ARRAYS_KEY)
 
-    def run(self, weights: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-        started = time.time()
-        self.output.record_round({"round": 0, **self._evaluate(weights), "elapsed_s": 0.0})
-        for server_round in range(1, self.cfg.num_server_rounds + 1):
+    def run(self, weights: OrderedDict[str, np.ndarray],
+            resume_from: Checkpoint | None = None) -> OrderedDict[str, np.ndarray]:
+        """Run every round; with ``resume_from``, continue after its round instead."""
+        if resume_from is None:
+            started, first_round = time.time(), 1
+            self.output.record_round({"round": 0, **self._evaluate(weights), "elapsed_s": 0.0})
+        else:
+            weights = self.restore(resume_from)
+            started = time.time() - float(resume_from.metrics[-1].get("elapsed_s", 0.0))
+            first_round = resume_from.round + 1
+        for server_round in range(first_round, self.cfg.num_server_rounds + 1):
             weights = self.run_round(server_round, weights, started)
         return weights
+
+    def snapshot(self, server_round: int, weights: OrderedDict[str, np.ndarray]) -> Checkpoint:
+        return Checkpoint(round=server_round, weights=weights,
+                          strategy=strategy_state(self.strategy), rng=capture_rng(),
+                          metrics=self.output.rounds, validator=self.validator.state_dict())
+
+    def restore(self, checkpoint: Checkpoint) -> OrderedDict[str, np.ndarray]:
+        """Put the server back where ``checkpoint`` was taken; returns its global model."""
+        load_strategy_state(self.strategy, checkpoint.strategy)
+        self.validator.load_state_dict(checkpoint.validator)
+        self.output.restore(checkpoint.metrics)
+        restore_rng(checkpoint.rng)
+        return checkpoint.weights
 
     def run_round(self, server_round: int, weights: OrderedDict[str, np.ndarray],
                   started: float) -> OrderedDict[str, np.ndarray]:
         round_start = time.time()
         config = ConfigRecord({**self.train_config, "label-names": self.label_names})
+        random.seed(self.cfg.seed * 1_000_003 + server_round)
         messages = list(self.strategy.configure_train(
-            server_round, wire.arrays_to_record(weights), config, self.grid))
+            server_round, wire.arrays_to_record(weights), config, _SortedNodeIds(self.grid)))
         bytes_down = {m.metadata.dst_node_id: wire.serialized_size(m.content) for m in messages}
         decoded = self.collect_updates(messages, weights)
+        self.validator.count_offences(decoded.rejected)
         record: dict[str, Any] = {
             "round": server_round,
             "clients": len(decoded.accepted),
@@ -79,11 +114,16 @@ class Federation:
             record["skipped"] = True
         record.update(self._evaluate(weights))
         record.update(self._federated_evaluation(server_round, weights))
+        if decoded.rejected:
+            record["rejected_reasons"] = {str(k): v for k, v in decoded.rejected.items()}
+        record["offenders"] = self.validator.offenders()
         record["bytes_down_per_client"] = {str(k): v for k, v in bytes_down.items()}
         record["bytes_up_per_client"] = {str(k): v for k, v in decoded.bytes_up.items()}
         record["wall_time_s"] = round(time.time() - round_start, 3)
         record["elapsed_s"] = round(time.time() - started, 3)
         self.output.record_round(record)
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.snapshot(server_round, weights))
         log.info("round %d: %d/%d clients, accuracy %.4f, loss %.4f, %.1fs", server_round,
                  record["clients"], record["sampled"], record["accuracy"], record["loss"],
                  record["wall_time_s"])
@@ -93,7 +133,7 @@ class Federation:
                         weights: OrderedDict[str, np.ndarray]) -> DecodedRound:
         """Send the round's train instructions and return the decoded uploads."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        decoded = decode_replies(replies, weights, self.arrays_key)
+        decoded = decode_replies(replies, weights, self.arrays_key, self.validator)
         answered = {reply.metadata.src_node_id for reply in replies}
         decoded.timed_out = [m.metadata.dst_node_id for m in messages
                              if m.metadata.dst_node_id not in answered]
@@ -108,10 +148,23 @@ class Federation:
             return {}
         config = ConfigRecord({"label-names": self.label_names})
         messages = self.strategy.configure_evaluate(server_round, wire.arrays_to_record(weights), config,
-                                                    self.grid)
+                                                    _SortedNodeIds(self.grid))
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         return {"client_eval": dict(metrics)} if metrics is not None else {}
+
+
+class _SortedNodeIds:
+    """The grid with its node ids in ascending order (see the module docstring)."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def _train_summary(accepted: list[Message], metrics) -> dict[str, Any]:

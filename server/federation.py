@@ -105,8 +105,10 @@ class Federation:
         if len(decoded.accepted) >= self.cfg.min_train_nodes:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
                                                                       decoded.accepted)
-            if new_arrays is not None:
-                weights = OrderedDict((k, v.numpy()) for k, v in new_arrays.items())
+            if new_arrays is not None:  # kept in the model's dtype: FedOpt's step comes back
+                # float64 (its eta_norm is a numpy float64), which would double every download
+                weights = OrderedDict((k, v.numpy().astype(weights[k].dtype, copy=False))
+                                      for k, v in new_arrays.items())
             record.update(_train_summary(decoded.accepted, train_metrics))
         else:
             log.warning("round %d: %d valid update(s) < min-train-nodes %d; global model kept",

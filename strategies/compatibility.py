@@ -71,17 +71,17 @@ SERVER_SIDE_CLIPPING = Wrapper("server-side-clipping", needs_individual_updates=
 def check_composition(strategy: str, traits: StrategyTraits,
                       wrappers: Iterable[Wrapper]) -> None:
     wrappers = list(wrappers)
-    hiding = [w for w in wrappers if w.hides_individual_updates]
-    for hider in hiding:
+    readers = [w for w in wrappers if w.needs_individual_updates]
+    for hider in (w for w in wrappers if w.hides_individual_updates):
         if traits.needs_individual_updates:
             raise CompositionError(
                 f"strategy '{strategy}' cannot run behind {hider.name}: {hider.name} reveals "
                 f"only the sum of the updates, but '{strategy}' aggregates by {traits.summary}, "
                 "which needs each client's update")
-        for reader in (w for w in wrappers if w.needs_individual_updates):
+        if readers:
             raise CompositionError(
-                f"{reader.name} cannot be combined with {hider.name}: it reads each client's "
-                f"update, and {hider.name} reveals only their sum")
+                f"{readers[0].name} cannot be combined with {hider.name}: it reads each "
+                f"client's update, and {hider.name} reveals only their sum")
     for wrapper in (w for w in wrappers if w.needs_stateless_mean):
         if not traits.weighted_mean:
             raise CompositionError(

@@ -37,6 +37,7 @@ BUILTINS = {
     "multikrum": ("MultiKrum", "num-nodes-to-select=2", ()),
     "bulyan": ("Bulyan", "", ()),
 }
+NODES = {"bulyan": 3, "fedmedian": 3, "fedtrimmedavg": 3}  # enough to differ from a mean; else 2
 
 
 def _client_models(grid, server_round, global_weights):
@@ -55,20 +56,23 @@ def _client_models(grid, server_round, global_weights):
 @pytest.mark.parametrize("name", BUILTINS)
 def test_builtin_strategy_runs_two_rounds(tmp_path, sst2, name):
     cls, params, state_attributes = BUILTINS[name]
-    folder, grid = run_inprocess(tmp_path, {"strategy": name, "strategy-params": params})
+    nodes = NODES.get(name, 2)
+    folder, grid = run_inprocess(tmp_path, {"strategy": name, "strategy-params": params},
+                                 num_nodes=nodes)
 
     rounds = read_metrics(folder)
     assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert all(r["clients"] == 3 and r["rejected"] == 0 and "skipped" not in r
+    assert all(r["clients"] == nodes and r["rejected"] == 0 and "skipped" not in r
                for r in rounds[1:])
     first = read_checkpoint(folder / "checkpoints" / "round-0001.ckpt")
     last = read_checkpoint(folder / "checkpoints" / "round-0002.ckpt")
     assert last.strategy[0]["class"] == cls
     assert set(state_attributes) <= set(last.strategy[0]["attributes"])
+    assert all(v.dtype == np.float32 for v in last.weights.values())  # FedOpt returns float64
 
     initial = get_weights(build_model("tiny-bert", ["negative", "positive"], 42))
     clients = _client_models(grid, 1, initial)
-    assert len(clients) == 3
+    assert len(clients) == nodes
     assert any(not np.array_equal(first.weights[k], initial[k]) for k in initial)
     if name == "fedavg":  # equal shares of data: the plain mean
         for key in initial:
@@ -82,7 +86,7 @@ def test_builtin_strategy_runs_two_rounds(tmp_path, sst2, name):
         assert any(all(np.array_equal(first.weights[k], c[k]) for k in initial) for c in clients)
     if name == "fedprox":
         train_configs = [m.content[wire.CONFIG_KEY] for m in grid.sent]
-        assert len(train_configs) == 6 and all(c["proximal-mu"] == 0.5 for c in train_configs)
+        assert len(train_configs) == 4 and all(c["proximal-mu"] == 0.5 for c in train_configs)
 
 
 def test_proximal_step_pulls_local_training_towards_the_global_model(sst2):

@@ -68,12 +68,12 @@ def test_builtins_wrap_flower_classes_with_their_parameters():
     assert type(build_strategy("fedprox", {}, COMMON)) is FedProx
     krum = build_strategy("krum", {"num_malicious_nodes": 1}, {**COMMON, "min_train_nodes": 4})
     assert type(krum) is Krum and krum.num_malicious_nodes == 1 and krum.min_train_nodes == 4
-    assert set(FACTORIES["fedadam"].parameters()) == {"eta", "eta_l", "beta_1", "beta_2", "tau"}
+    assert set(FACTORIES["fedadam"].parameters()) == {"eta", "beta_1", "beta_2", "tau"}
     assert set(FACTORIES["fedtrimmedavg"].parameters()) == {"beta"}
 
 
 @pytest.mark.parametrize("name, params, message", [
-    ("fedadam", {"etaa": 0.1}, "'etaa' is not a parameter of FedAdam \\(it takes: eta, eta-l"),
+    ("fedadam", {"etaa": 0.1}, "'etaa' is not a parameter of FedAdam \\(it takes: eta, beta-1"),
     ("fedadam", {"eta": "fast"}, "'eta' must be a float, got 'fast'"),
     ("krum", {"num_malicious_nodes": 1.5}, "'num-malicious-nodes' must be a int"),
     ("fedavg", {"eta": 0.1}, "it takes: none"),

@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.attack import TestAttack, apply_test_attack
 from client.debug_delay import slow_down_for_tests
 from client.local_training import LocalTraining
 from client.secure_aggregation import register_secure_aggregation
@@ -45,13 +46,15 @@ def train(msg: Message, context: Context) -> Message:
         return Message(content=refusal.content(), reply_to=msg)
     training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)),
                              lora=LoraSettings.from_run_config(context.run_config))
-    stats = training.run(global_weights, server_round, privacy)
+    stats = training.run(global_weights, server_round, privacy,
+                         proximal_mu=float(config.get("proximal-mu", 0.0)))  # sent by FedProx
     if privacy:
         privacy.save(context)
     update = OrderedDict(
         (name, (local - global_weights[name]).astype(np.float32))
         for name, local in training.local_weights().items()
     )
+    update = apply_test_attack(update, TestAttack.from_mapping(context.run_config), node)
     clip_metrics = clip_update(update, config, UserLevelDPSettings.from_run_config(context.run_config))
 
     codec = build_codec(str(config.get("upload-codec", "dense")))

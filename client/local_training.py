@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from client.proximal import proximal_step
 from sepal.config import RunConfig
 from sepal.data import DataError, make_loader
 from sepal.lora import LoraSettings
@@ -39,7 +40,7 @@ class LocalTraining:
         set_weights(self.model, weights)
 
     def run(self, global_weights: OrderedDict[str, np.ndarray], server_round: int,
-            privacy: ClientPrivacy | None = None) -> LocalStats:
+            privacy: ClientPrivacy | None = None, proximal_mu: float = 0.0) -> LocalStats:
         self.load(global_weights)
         dataset = tokenized_node_split(self.cfg, self.node, self.cfg.train_split)
         max_label = int(dataset.labels.max())
@@ -54,6 +55,8 @@ class LocalTraining:
         optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.learning_rate
         )
+        if proximal_mu > 0:  # FedProx
+            optimizer.register_step_post_hook(proximal_step(self.model, global_weights, proximal_mu))
         session = (privacy.attach(self.model, optimizer, loader) if privacy
                    else nullcontext((optimizer, None, loader)))
         with session as (optimizer, criterion, loader):

@@ -96,7 +96,7 @@ def _renamed():
 
 
 def _reshaped():
-    payload, params = encoded("topk:0.1")
+    payload, params = encoded("topk:0.1:tensor")
     dims = list(params["dims"])
     dims[0], dims[1] = dims[1], dims[0]  # (40, 8) -> (8, 40): same size, other shape
     return payload, with_params(params, dims=dims)

@@ -10,7 +10,9 @@ def round_line(record: dict[str, Any], num_rounds: int) -> str:
 
     answered: valid updates aggregated; failed: clients that reported an error or did
     not reply in time; refused: uploads the server rejected plus clients that declined
-    to train (``refused``, e.g. a spent privacy budget).
+    to train (``refused``, e.g. a spent privacy budget). Epsilons as the privacy
+    monitor records them: ``epsilon_per_client`` (cumulative, each site's DP-SGD) and
+    ``user_level_epsilon`` (central DP on the aggregate).
     """
     timed_out = int(record.get("timed_out", 0))
     failed = int(record.get("failed", 0)) + timed_out
@@ -24,9 +26,11 @@ def round_line(record: dict[str, Any], num_rounds: int) -> str:
     if record.get("skipped"):
         parts.append("skipped: too few updates, model kept")
     parts.append(f"accuracy {record['accuracy']:.4f}")
-    epsilon = _epsilon(record)
-    if epsilon is not None:
-        parts.append(f"eps {epsilon:.3g}")
+    per_client = record.get("epsilon_per_client") or {}
+    if per_client:
+        parts.append(f"eps max {max(per_client.values()):.3g} (sample-level, over clients)")
+    if "user_level_epsilon" in record:
+        parts.append(f"user-level eps {record['user_level_epsilon']:.3g}")
     up = sum(record.get("bytes_up_per_client", {}).values())
     down = sum(record.get("bytes_down_per_client", {}).values())
     parts.append(f"up {up / 1e6:.2f} MB, down {down / 1e6:.2f} MB")
@@ -35,16 +39,3 @@ def round_line(record: dict[str, Any], num_rounds: int) -> str:
     parts.append(f"{record['wall_time_s']:.1f}s")
     return ", ".join(parts)
 
-
-def _epsilon(record: dict[str, Any]) -> float | None:
-    """The largest epsilon the record reports (a value, or a per-client mapping)."""
-    values: list[float] = []
-    for key, value in record.items():
-        if "epsilon" not in key:
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            values.append(float(value))
-        elif isinstance(value, dict):
-            values += [float(v) for v in value.values()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return max(values) if values else None

@@ -9,6 +9,12 @@ the reason OpenSSL gives (the client's TLS alert), without touching Flower.
 
 It also says at start-up when the SuperLink's own certificate has expired or is about
 to, since SuperNodes then refuse it and the SuperLink would otherwise not know why.
+
+And it lets the ``--database`` state wait longer for SQLite locks. Flower sets
+``busy_timeout`` to 5 s, after which a request fails with "database is locked"; on a
+busy host that dropped the ServerApp's heartbeat and Flower failed the run ("No
+heartbeat received from the task"), seen twice in the deployment tests with the
+machine at load 15-20 on 2 cores. Waiting up to 30 s costs nothing when the host is idle.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from cryptography import x509
 from flwr.common.logger import log
 
 EXPIRY_WARNING_DAYS = 30
+SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 # OpenSSL reason -> what it means for a SuperLink
 HANDSHAKE_REASONS = {
@@ -58,6 +65,14 @@ def log_refused_handshakes() -> None:
     ssl.SSLContext.sslobject_class = LoggedHandshake
 
 
+def wait_longer_for_database_locks() -> None:
+    from flwr.supercore import sql_mixin
+
+    sql_mixin.SQLITE_PRAGMAS = tuple(
+        (name, str(SQLITE_BUSY_TIMEOUT_MS) if name == "busy_timeout" else value)
+        for name, value in sql_mixin.SQLITE_PRAGMAS)
+
+
 def check_certificate_expiry(argv: list[str], now: datetime.datetime | None = None) -> None:
     """Log the validity of the certificate given with ``--ssl-certfile``, if any."""
     path = _option(argv, "--ssl-certfile")
@@ -90,6 +105,7 @@ def main() -> None:
     from flwr.superlink.cli import flower_superlink
 
     log_refused_handshakes()
+    wait_longer_for_database_locks()
     check_certificate_expiry(sys.argv[1:])
     flower_superlink()
 

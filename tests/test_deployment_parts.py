@@ -61,11 +61,12 @@ def test_round_line_has_counts_accuracy_epsilon_bytes_and_seconds():
     record = {"round": 2, "clients": 1, "sampled": 3, "failed": 1, "rejected": 0,
               "timed_out": 1, "accuracy": 0.8125, "bytes_up_per_client": {"1": 2_000_000},
               "bytes_down_per_client": {"1": 2_000_000, "2": 2_000_000, "3": 2_000_000},
-              "epsilon_per_client": {"1": 1.5, "2": 2.25}, "late_discarded": 1,
-              "wall_time_s": 12.34}
+              "epsilon_per_client": {"1": 1.5, "2": 2.25}, "user_level_epsilon": 0.75,
+              "late_discarded": 1, "refused": 1, "wall_time_s": 12.34}
     assert round_line(record, 3) == (
-        "round 2/3, 1/3 answered, 2 failed (1 timed out), 0 refused, accuracy 0.8125, eps 2.25, "
-        "up 2.00 MB, down 6.00 MB, 1 late repl(ies) discarded, 12.3s")
+        "round 2/3, 1/3 answered, 2 failed (1 timed out), 1 refused, accuracy 0.8125, "
+        "eps max 2.25 (sample-level, over clients), user-level eps 0.75, up 2.00 MB, "
+        "down 6.00 MB, 1 late repl(ies) discarded, 12.3s")
 
 
 def test_a_node_the_superlink_answers_for_is_failed_under_its_own_id():
@@ -81,3 +82,16 @@ def test_a_node_the_superlink_answers_for_is_failed_under_its_own_id():
                              instruction_nodes={"instruction-1": 7})
     assert list(decoded.failed) == [7] and "Node Unavailable" in decoded.failed[7]
     assert not decoded.accepted
+
+
+def test_superlink_state_waits_longer_for_sqlite_locks(tmp_path):
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
+
+    from server.superlink import SQLITE_BUSY_TIMEOUT_MS, wait_longer_for_database_locks
+
+    wait_longer_for_database_locks()
+    state = LinkStateFactory(str(tmp_path / "state.db"), NoOpFederationManager(),
+                             ObjectStoreFactory()).state()
+    assert state.query("PRAGMA busy_timeout") == [{"timeout": SQLITE_BUSY_TIMEOUT_MS}]

@@ -261,21 +261,23 @@ def _encoded_update(msg: Message, context: Context, train: TrainHandler,
                                    np.random.default_rng())
     if clipped:
         log.info("secure aggregation: %d of %d update values clipped to +-%g", clipped,
-                 update.size, cfg.secagg_clip)
+                 values.size, cfg.secagg_clip)
     scalars = encode_scalars(examples, cfg.secagg_max_examples,
                              float(metrics.get("train-loss", float("nan"))),
                              float(metrics.get("train-accuracy", float("nan"))), clipped)
     return values, scalars
 
 
-def _decoded_update(msg: Message, reply: Message) -> tuple[np.ndarray, object]:
+def _decoded_update(msg: Message, reply: Message) -> tuple[list[np.ndarray], object]:
+    """The update's tensors in the order of the global model's, and the reply's metrics."""
     arrays = msg.content[wire.ARRAYS_KEY]
     shapes = {name: tuple(array.shape) for name, array in arrays.items()}
     update = decode_upload(reply.content[wire.UPDATE_KEY], reply.content[wire.CODEC_KEY], shapes)
-    flat = np.concatenate([np.asarray(update[name], dtype=np.float32).ravel() for name in shapes])
-    if not np.isfinite(flat).all():
-        raise SecAggError("the local update holds NaN or Inf; not taking part in this round")
-    return flat, reply.content[wire.METRICS_KEY]
+    for name, tensor in update.items():
+        if not np.isfinite(tensor).all():
+            raise SecAggError(f"the local update of '{name}' holds NaN or Inf; not taking part "
+                              "in this round")
+    return [update[name] for name in shapes], reply.content[wire.METRICS_KEY]
 
 
 def _split_plaintext(plain: bytes) -> tuple[bytes, bytes]:

@@ -62,7 +62,7 @@ from sepal.secagg.errors import RoundAborted, SecAggError
 from sepal.secagg.fixedpoint import SCALARS, FixedPoint, decode_scalars
 from sepal.secagg.keys import agree, check_public_key, derive, public_key_of
 from sepal.secagg.masks import VectorMasks
-from sepal.secagg.packing import packed_size, unpack
+from sepal.secagg.packing import add_packed, packed_size
 from sepal.secagg.protocol import (
     HEADER_KEY,
     KEYS_KEY,
@@ -327,7 +327,7 @@ class SecureAggregation:
         state.scalars = np.zeros(len(SCALARS), dtype=np.uint64)
         for node in survivors:
             values, scalars = inputs.pop(node)
-            np.add(state.values, unpack(values, state.fixed.sum_bits, state.dim), out=state.values)
+            add_packed(state.values, values, state.fixed.sum_bits)
             np.add(state.scalars, scalars, out=state.scalars)
         state.active = survivors
 

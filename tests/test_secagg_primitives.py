@@ -165,3 +165,16 @@ def test_config_section_names_the_bad_key():
                        ("secagg-threshold", 1.5), ("secagg-max-examples", 0)]:
         with pytest.raises(ConfigError, match=key):
             SecAggConfig.from_mapping({key: value})
+
+
+@pytest.mark.parametrize("value_bits, clients", [(17, 2**15), (24, 2**10), (2, 3)])  # b = 32, 34, 3
+def test_fixed_point_decodes_signed_sums_at_32_and_64_bit_words(value_bits, clients):
+    fixed = FixedPoint.for_clients(clip=1.0, value_bits=value_bits, clients=clients)
+    assert fixed.dtype == (np.uint32 if fixed.sum_bits <= 32 else np.uint64)
+    rng = np.random.default_rng(3)
+    values = np.array([1.0, -1.0, 0.0, 0.5, -0.25], np.float32)
+    total = np.zeros(5, dtype=fixed.dtype)
+    for _ in range(3):
+        words, _ = fixed.encode([values[:2], values[2:]], 1.0, rng)  # tensors back to back
+        total += words
+    assert np.abs(fixed.decode_sum(total) - 3 * values).max() <= 3 * fixed.step + 1e-6

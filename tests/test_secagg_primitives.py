@@ -133,9 +133,10 @@ def test_fixed_point_sum_is_exact_within_rounding_and_never_wraps():
 
 
 def test_scalars_sum_examples_weights_and_weighted_metrics():
-    total = (encode_scalars(100, 1000, 0.5, 0.8, 3) + encode_scalars(3000, 1000, 0.3, 0.6, 0))
+    # weight units min(examples, W = 1000): 100 and 1000
+    total = (encode_scalars(100, 100, 0.5, 0.8, 3) + encode_scalars(3000, 1000, 0.3, 0.6, 0))
     totals = decode_scalars(total)
-    assert totals["examples"] == 3100 and totals["weight-examples"] == 1100
+    assert totals["examples"] == 3100 and totals["weight-units"] == 1100
     assert totals["clipped"] == 3
     assert totals["train-loss"] == pytest.approx((100 * 0.5 + 1000 * 0.3) / 1100, abs=1e-6)
     assert totals["train-accuracy"] == pytest.approx((100 * 0.8 + 1000 * 0.6) / 1100, abs=1e-6)

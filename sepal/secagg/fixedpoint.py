@@ -100,22 +100,17 @@ def sum_bits(value_bits: int, clients: int) -> int:
     return (2 * clients * levels).bit_length()
 
 
-def weight_of(examples: int, max_examples: int) -> float:
-    return min(examples, max_examples) / max_examples
-
-
 
 # Per-client scalars summed alongside the update, in Z_(2^64) (exact integers):
-# examples, capped examples (the weight's numerator), and loss / accuracy weighted
-# by the capped examples in fixed point with 20 fractional bits.
-SCALARS = ("examples", "weight-examples", "loss-sum", "accuracy-sum", "clipped")
+# examples, weight units w (the weight is r = w / W), loss and accuracy weighted by w
+# in fixed point with 20 fractional bits, and the clipped count.
+SCALARS = ("examples", "weight-units", "loss-sum", "accuracy-sum", "clipped")
 SCALAR_FRACTION = 2.0**20
 MAX_LOSS = 2.0**16
 
 
-def encode_scalars(examples: int, max_examples: int, loss: float, accuracy: float,
+def encode_scalars(examples: int, weighted: int, loss: float, accuracy: float,
                    clipped: int) -> np.ndarray:
-    weighted = min(examples, max_examples)
     loss = min(max(float(loss), 0.0), MAX_LOSS) if math.isfinite(loss) else MAX_LOSS
     accuracy = min(max(float(accuracy), 0.0), 1.0) if math.isfinite(accuracy) else 0.0
     return np.array([examples, weighted, round(loss * weighted * SCALAR_FRACTION),
@@ -126,7 +121,7 @@ def decode_scalars(total: np.ndarray) -> dict[str, float]:
     examples, weighted, loss_sum, accuracy_sum, clipped = (int(v) for v in total)
     return {
         "examples": examples,
-        "weight-examples": weighted,
+        "weight-units": weighted,
         "train-loss": loss_sum / SCALAR_FRACTION / weighted if weighted else float("nan"),
         "train-accuracy": accuracy_sum / SCALAR_FRACTION / weighted if weighted else float("nan"),
         "clipped": clipped,

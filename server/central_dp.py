@@ -130,7 +130,8 @@ class UserLevelDP(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = [_equal_weight(reply, self.weighted_by_key) for reply in replies]
+        replies = [_equal_weight(reply, self.weighted_by_key)
+                   for reply in replies for _ in range(_contributors(reply))]
         arrays, metrics = self.wrapped.aggregate_train(server_round, replies)
         if arrays is not None and self.settings.adaptive and self.accountant is not None:
             self.accountant.compose(GaussianPrivacyEvent(
@@ -178,6 +179,15 @@ def wrap_with_user_level_dp(strategy: Strategy, settings: UserLevelDPSettings, g
             f"{settings.user_dp_delta:g} must be below 1/number of clients = {1 / population:g}")
     num_sampled = max(int(population * cfg.fraction_train), cfg.min_train_nodes)
     return UserLevelDP(strategy, settings, num_sampled, population)
+
+
+def _contributors(reply: Message) -> int:
+    """Clients behind a reply: one, or ``secagg-clients`` for secure aggregation's single
+    reply, which carries their (unweighted) mean. Flower's wrappers count replies, so it
+    stands in that many times; the mean of identical replies is that mean."""
+    if reply.has_error() or wire.METRICS_KEY not in reply.content:
+        return 1
+    return int(reply.content[wire.METRICS_KEY].get("secagg-clients", 1))
 
 
 def _equal_weight(reply: Message, key: str) -> Message:

@@ -2,12 +2,18 @@
 
 Train instruction (server -> client), a ``RecordDict``:
     ``arrays``  ArrayRecord  the global exchanged parameters (name -> tensor)
-    ``config``  ConfigRecord round settings (``server-round``, ...)
+    ``config``  ConfigRecord round settings (``server-round``, ``upload-codec``, ...)
+With a compressed downlink, ``arrays`` may give way to deltas against the model the
+client already holds (``download``, ``download-delta-{i}``, ``download-codec-{i}``;
+see :mod:`sepal.codecs.downlink`).
 
 Train reply (client -> server):
     ``update``  ArrayRecord  the codec's payload for ``local - global``
     ``codec``   ConfigRecord ``wire-version``, ``codec`` and the codec's parameters
     ``metrics`` MetricRecord ``num-examples``, ``train-loss``, ``train-accuracy``, ...
+    ``privacy`` ConfigRecord (DP-SGD clients) cumulative ``epsilon`` at ``delta``, ...
+A client that refuses to train (its privacy budget) replies ``refusal`` (ConfigRecord
+``code``, ``reason``) and ``privacy`` instead of ``update``/``codec``/``metrics``.
 
 The server decodes every upload before a strategy sees it and hands the strategy a
 reply of Flower's usual shape (``arrays`` = global + update, ``metrics``), so every
@@ -23,7 +29,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
-WIRE_VERSION = 1
+# 2: compressed codecs (topk, quantized, lossless pass) and compressed downlink deltas.
+WIRE_VERSION = 2
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -31,6 +38,8 @@ UPDATE_KEY = "update"
 CODEC_KEY = "codec"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES = "num-examples"
+PRIVACY_KEY = "privacy"
+REFUSAL_KEY = "refusal"
 
 
 class UploadError(ValueError):

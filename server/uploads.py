@@ -16,10 +16,11 @@ import logging
 from collections import OrderedDict
 
 import numpy as np
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from sepal import wire
 from sepal.codecs import decode_upload
+from sepal.privacy.refusal import Refusal, read_reply_privacy
 from server.validation import UpdateValidator
 
 log = logging.getLogger("sepal.server")
@@ -33,11 +34,24 @@ class DecodedRound:
     failed: dict[int, str]            # node id -> error the client reported
     bytes_up: dict[int, int]          # node id -> serialized reply size
     timed_out: list[int] = dataclasses.field(default_factory=list)  # no reply in time
+    refused: dict[int, Refusal] = dataclasses.field(default_factory=dict)  # privacy budget
+    privacy: dict[int, ConfigRecord] = dataclasses.field(default_factory=dict)  # ε reports
+    # Clients behind ``accepted`` when a reply stands for several (secure aggregation
+    # sends one pre-summed reply); None: one reply per client.
+    contributors: int | None = None
+    summary: dict = dataclasses.field(default_factory=dict)  # extra fields of the round record
+
+    @property
+    def clients(self) -> int:
+        return len(self.accepted) if self.contributors is None else self.contributors
 
 
 def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.ndarray],
                    arrays_key: str = wire.ARRAYS_KEY,
+                   instruction_nodes: dict[str, int] | None = None,
                    validator: UpdateValidator | None = None) -> DecodedRound:
+    """``instruction_nodes`` (message id -> node id) names the node of an error reply
+    the SuperLink wrote itself ("Node Unavailable"), whose sender is the SuperLink."""
     validator = validator or UpdateValidator()
     shapes = {name: array.shape for name, array in global_arrays.items()}
     result = DecodedRound([], {}, {}, {}, {})
@@ -45,11 +59,18 @@ def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.nd
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
         if reply.has_error():
+            node = (instruction_nodes or {}).get(reply.metadata.reply_to_message_id, node)
             result.failed[node] = reply.error.reason
             log.warning("client %d failed this round: %s", node, reply.error.reason)
             continue
         result.bytes_up[node] = wire.serialized_size(reply.content)
         try:
+            report, refusal = read_reply_privacy(reply.content)
+            if report is not None:
+                result.privacy[node] = report
+            if refusal is not None:
+                result.refused[node] = refusal
+                continue
             update, metrics = _decode_one(reply.content, shapes)
             validator.check(update, global_arrays)
         except wire.UploadError as err:

@@ -9,13 +9,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.attack import TestAttack, apply_test_attack
+from client.debug_delay import slow_down_for_tests
 from client.local_training import LocalTraining
+from client.secure_aggregation import register_secure_aggregation
 from sepal import wire
 from sepal.codecs import build_codec
 from sepal.codecs.downlink import receive_global
 from sepal.config import RunConfig
 from sepal.data import DataError, make_loader
+from sepal.lora import LoraSettings
 from sepal.model import resolve_device
+from sepal.privacy import ClientPrivacy, PrivacyRefusal, UserLevelDPSettings, clip_update
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import evaluate as evaluate_model
 
@@ -32,13 +37,25 @@ def train(msg: Message, context: Context) -> Message:
     global_weights = receive_global(msg.content, context.state)
     label_names = list(config["label-names"])
     server_round = int(config["server-round"])
+    slow_down_for_tests(context.node_config, server_round, msg.metadata.created_at)
 
-    training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)))
-    stats = training.run(global_weights, server_round)
+    try:
+        privacy = ClientPrivacy.for_node(
+            context, cfg, len(tokenized_node_split(cfg, node, cfg.train_split)))
+    except PrivacyRefusal as refusal:
+        return Message(content=refusal.content(), reply_to=msg)
+    training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)),
+                             lora=LoraSettings.from_run_config(context.run_config))
+    stats = training.run(global_weights, server_round, privacy,
+                         proximal_mu=float(config.get("proximal-mu", 0.0)))  # sent by FedProx
+    if privacy:
+        privacy.save(context)
     update = OrderedDict(
         (name, (local - global_weights[name]).astype(np.float32))
         for name, local in training.local_weights().items()
     )
+    update = apply_test_attack(update, TestAttack.from_mapping(context.run_config), node)
+    clip_metrics = clip_update(update, config, UserLevelDPSettings.from_run_config(context.run_config))
 
     codec = build_codec(str(config.get("upload-codec", "dense")))
     state = context.state.get(CODEC_STATE_KEY) if CODEC_STATE_KEY in context.state else None
@@ -51,13 +68,19 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": stats.loss,
         "train-accuracy": stats.accuracy,
         "train-steps": stats.steps,
+        **clip_metrics,
     })
     content = RecordDict({
         wire.UPDATE_KEY: payload,
         wire.CODEC_KEY: codec_params,
         wire.METRICS_KEY: metrics,
     })
+    if privacy:
+        content[wire.PRIVACY_KEY] = privacy.report()
     return Message(content=content, reply_to=msg)
+
+
+register_secure_aggregation(app, train)
 
 
 @app.evaluate()
@@ -67,7 +90,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content[wire.CONFIG_KEY]
     label_names = list(config["label-names"])
     device = resolve_device(_node_device(context, cfg))
-    training = LocalTraining(cfg, node, label_names, device)
+    training = LocalTraining(cfg, node, label_names, device,
+                             lora=LoraSettings.from_run_config(context.run_config))
     training.load(wire.record_to_arrays(msg.content[wire.ARRAYS_KEY]))
     try:
         dataset = tokenized_node_split(cfg, node, cfg.test_split)

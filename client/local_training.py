@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 
+from client.proximal import proximal_step
 from sepal.config import RunConfig
 from sepal.data import DataError, make_loader
+from sepal.lora import LoraSettings
 from sepal.model import build_model, get_weights, set_weights
+from sepal.privacy import ClientPrivacy
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import TrainStats, seed_everything, train_epochs
 
@@ -24,17 +28,19 @@ class LocalTraining:
     """Owns the node's model for one message: load global weights, train, read back."""
 
     def __init__(self, cfg: RunConfig, node: NodeData, label_names: list[str],
-                 device: torch.device):
+                 device: torch.device, lora: LoraSettings | None = None):
         self.cfg = cfg
         self.node = node
         self.label_names = label_names
         self.device = device
-        self.model = build_model(cfg.model, label_names, cfg.seed).to(device)
+        model = build_model(cfg.model, label_names, cfg.seed)
+        self.model = (lora.apply(model) if lora else model).to(device)
 
     def load(self, weights: OrderedDict[str, np.ndarray]) -> None:
         set_weights(self.model, weights)
 
-    def run(self, global_weights: OrderedDict[str, np.ndarray], server_round: int) -> LocalStats:
+    def run(self, global_weights: OrderedDict[str, np.ndarray], server_round: int,
+            privacy: ClientPrivacy | None = None, proximal_mu: float = 0.0) -> LocalStats:
         self.load(global_weights)
         dataset = tokenized_node_split(self.cfg, self.node, self.cfg.train_split)
         max_label = int(dataset.labels.max())
@@ -49,8 +55,13 @@ class LocalTraining:
         optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.learning_rate
         )
-        stats = train_epochs(self.model, loader, optimizer, self.cfg.local_epochs, self.device,
-                             description=f"round {server_round}")
+        if proximal_mu > 0:  # FedProx
+            optimizer.register_step_post_hook(proximal_step(self.model, global_weights, proximal_mu))
+        session = (privacy.attach(self.model, optimizer, loader) if privacy
+                   else nullcontext((optimizer, None, loader)))
+        with session as (optimizer, criterion, loader):
+            stats = train_epochs(self.model, loader, optimizer, self.cfg.local_epochs, self.device,
+                                 criterion=criterion, description=f"round {server_round}")
         return LocalStats(**dataclasses.asdict(stats), examples_in_split=len(dataset))
 
     def local_weights(self) -> OrderedDict[str, np.ndarray]:

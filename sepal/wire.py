@@ -11,6 +11,9 @@ Train reply (client -> server):
     ``update``  ArrayRecord  the codec's payload for ``local - global``
     ``codec``   ConfigRecord ``wire-version``, ``codec`` and the codec's parameters
     ``metrics`` MetricRecord ``num-examples``, ``train-loss``, ``train-accuracy``, ...
+    ``privacy`` ConfigRecord (DP-SGD clients) cumulative ``epsilon`` at ``delta``, ...
+A client that refuses to train (its privacy budget) replies ``refusal`` (ConfigRecord
+``code``, ``reason``) and ``privacy`` instead of ``update``/``codec``/``metrics``.
 
 The server decodes every upload before a strategy sees it and hands the strategy a
 reply of Flower's usual shape (``arrays`` = global + update, ``metrics``), so every
@@ -35,6 +38,8 @@ UPDATE_KEY = "update"
 CODEC_KEY = "codec"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES = "num-examples"
+PRIVACY_KEY = "privacy"
+REFUSAL_KEY = "refusal"
 
 
 class UploadError(ValueError):

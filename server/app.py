@@ -13,12 +13,19 @@ from flwr.serverapp import Grid, ServerApp
 from sepal.codecs import CompressionConfig
 from sepal.codecs.downlink import downlink_for
 from sepal.config import RunConfig
+from sepal.lora import LoraSettings
 from sepal.model import build_model, get_weights
+from sepal.privacy import DPSGDSettings, UserLevelDPSettings, check_run_settings
 from sepal.task import centralized_train_split
+from server.central_dp import wrap_with_user_level_dp
+from server.checkpoint import CheckpointConfig, open_checkpoints
 from server.evaluation import ServerEvaluator
-from server.federation import Federation
+from server.privacy_monitor import PrivacyMonitor
 from server.run_output import RunOutput
-from strategies import build_strategy
+from server.secure_aggregation import federation_class
+from server.validation import UpdateValidator, ValidationConfig
+from strategies import StrategyConfig, build_strategy, strategy_traits
+from strategies.compatibility import active_wrappers, check_composition
 
 log = logging.getLogger("sepal.server")
 
@@ -29,12 +36,23 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    serve(grid, context)
+
+
+def serve(grid: Grid, context: Context) -> Path:
+    """Everything the ServerApp does for one run; returns the run's output folder."""
     cfg = RunConfig.from_mapping(context.run_config)
     compression = CompressionConfig.from_mapping(context.run_config)
-    label_names = centralized_train_split(cfg).label_names
+    train_split = centralized_train_split(cfg)
+    label_names = train_split.label_names
+    check_run_settings(DPSGDSettings.from_run_config(context.run_config), cfg, len(train_split))
+    lora = LoraSettings.from_run_config(context.run_config)
+    chosen = StrategyConfig.from_mapping(context.run_config)
+    check_composition(chosen.strategy, strategy_traits(chosen.strategy),
+                      active_wrappers(context.run_config))
     strategy = build_strategy(
-        str(context.run_config.get("strategy", "fedavg")),
-        params={},
+        chosen.strategy,
+        params=chosen.params(),
         common={
             "fraction_train": cfg.fraction_train,
             "fraction_evaluate": cfg.fraction_evaluate,
@@ -43,17 +61,26 @@ def main(grid: Grid, context: Context) -> None:
             "min_available_nodes": cfg.min_available_nodes,
         },
     )
+    strategy = wrap_with_user_level_dp(
+        strategy, UserLevelDPSettings.from_run_config(context.run_config), grid, cfg)
+    make_federation = federation_class(context.run_config, strategy)  # refuses bad combinations
+    validator = UpdateValidator(ValidationConfig.from_mapping(context.run_config))
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
+    checkpoints, resume_from = open_checkpoints(
+        CheckpointConfig.from_mapping(context.run_config), cfg, run_name, context.run_config)
     output = RunOutput(Path(cfg.output_dir) / run_name,
                        {**dataclasses.asdict(cfg), **dataclasses.asdict(compression)})
     log.info("run outputs in %s", output.folder.resolve())
 
-    initial = get_weights(build_model(cfg.model, label_names, cfg.seed))
-    evaluator = ServerEvaluator(cfg, label_names)
-    federation = Federation(grid, strategy, cfg, label_names, evaluator, output,
-                            train_config={"upload-codec": compression.upload_codec},
-                            downlink=downlink_for(compression))
-    final = federation.run(initial)
+    initial = get_weights(lora.apply(build_model(cfg.model, label_names, cfg.seed)))
+    evaluator = ServerEvaluator(cfg, label_names, lora)
+    federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
+                                 train_config={"upload-codec": compression.upload_codec},
+                                 downlink=downlink_for(compression),
+                                 privacy=PrivacyMonitor(cfg.min_train_nodes, strategy),
+                                 validator=validator, checkpoints=checkpoints)
+    final = federation.run(initial, resume_from=resume_from)
     evaluator.export(final, output.model_path)
     output.close()
     log.info("final model saved to %s", output.model_path.resolve())
+    return output.folder

@@ -8,17 +8,19 @@ import numpy as np
 
 from sepal.config import RunConfig
 from sepal.data import make_loader
+from sepal.lora import LoraSettings, exportable
 from sepal.model import build_model, resolve_device, set_weights
 from sepal.task import tokenized_server_test_split
 from sepal.training import EvalStats, evaluate
 
 
 class ServerEvaluator:
-    def __init__(self, cfg: RunConfig, label_names: list[str]):
+    def __init__(self, cfg: RunConfig, label_names: list[str], lora: LoraSettings | None = None):
         self.cfg = cfg
         self.label_names = label_names
         self.device = resolve_device(cfg.device)
-        self.model = build_model(cfg.model, label_names, cfg.seed).to(self.device)
+        model = build_model(cfg.model, label_names, cfg.seed)
+        self.model = (lora.apply(model) if lora else model).to(self.device)
         self.loader = make_loader(tokenized_server_test_split(cfg), cfg.batch_size * 4,
                                   shuffle=False, seed=cfg.seed)
 
@@ -31,5 +33,5 @@ class ServerEvaluator:
         from sepal.model import load_tokenizer
 
         set_weights(self.model, weights)
-        self.model.save_pretrained(str(folder))
+        exportable(self.model).save_pretrained(str(folder))
         load_tokenizer(self.cfg.model).save_pretrained(str(folder))

@@ -6,13 +6,19 @@ ServerApp drives the same steps itself while the strategy keeps doing what it do
 (``configure_train``, ``aggregate_train``, ``configure_evaluate``,
 ``aggregate_evaluate``). One round:
 
-    configure_train -> send/receive -> decode uploads -> aggregate_train
-    -> evaluate (server, optionally clients) -> record
+    configure_train -> send/receive -> decode + validate uploads -> aggregate_train
+    -> evaluate (server, optionally clients) -> record -> checkpoint
+
+Node sampling is reproducible: Flower samples with ``random.sample`` over the grid's
+node ids, so the round loop hands the strategy the ids sorted and seeds Python's
+``random`` per (seed, round) just before. A resumed round therefore samples the
+same nodes as the interrupted one did (while the same SuperNodes are connected).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import OrderedDict
 from typing import Any
@@ -26,9 +32,15 @@ from sepal import wire
 from sepal.codecs.downlink import DownlinkBroadcaster
 from sepal.codecs.measure import dense_upload_size, transfer_metrics
 from sepal.config import RunConfig
+from server.checkpoint import Checkpoint, Checkpointer, capture_rng, restore_rng
 from server.evaluation import ServerEvaluator
+from server.privacy_monitor import PrivacyMonitor
+from server.late_replies import LateReplies
+from server.progress import round_line
 from server.run_output import RunOutput
 from server.uploads import DecodedRound, decode_replies
+from server.validation import UpdateValidator
+from strategies.state import load_strategy_state, strategy_state
 
 log = logging.getLogger("sepal.server")
 
@@ -37,7 +49,10 @@ class Federation:
     def __init__(self, grid: Grid, strategy: Strategy, cfg: RunConfig, label_names: list[str],
                  evaluator: ServerEvaluator, output: RunOutput,
                  train_config: dict[str, Any] | None = None,
-                 downlink: DownlinkBroadcaster | None = None):
+                 downlink: DownlinkBroadcaster | None = None,
+                 privacy: PrivacyMonitor | None = None,
+                 validator: UpdateValidator | None = None,
+                 checkpoints: Checkpointer | None = None):
         self.grid = grid
         self.strategy = strategy
         self.cfg = cfg
@@ -45,22 +60,50 @@ class Federation:
         self.evaluator = evaluator
         self.output = output
         self.train_config = dict(train_config or {})
+        self.privacy = privacy or PrivacyMonitor(cfg.min_train_nodes)
+        self.validator = validator or UpdateValidator()
+        self.checkpoints = checkpoints
         self.arrays_key = getattr(strategy, "arrayrecord_key", wire.ARRAYS_KEY)
         self.downlink = downlink  # compressed global-model deltas, None = dense arrays
+        self.late_replies = LateReplies(grid)
 
-    def run(self, weights: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-        started = time.time()
-        self.output.record_round({"round": 0, **self._evaluate(weights), "elapsed_s": 0.0})
-        for server_round in range(1, self.cfg.num_server_rounds + 1):
+    def run(self, weights: OrderedDict[str, np.ndarray],
+            resume_from: Checkpoint | None = None) -> OrderedDict[str, np.ndarray]:
+        """Run every round; with ``resume_from``, continue after its round instead."""
+        if resume_from is None:
+            started, first_round = time.time(), 1
+            self.output.record_round({"round": 0, **self._evaluate(weights), "elapsed_s": 0.0})
+        else:
+            weights = self.restore(resume_from)
+            started = time.time() - float(resume_from.metrics[-1].get("elapsed_s", 0.0))
+            first_round = resume_from.round + 1
+        for server_round in range(first_round, self.cfg.num_server_rounds + 1):
             weights = self.run_round(server_round, weights, started)
+            if self.privacy.stop_reason:
+                log.warning("run ends after round %d: %s", server_round, self.privacy.stop_reason)
+                break
         return weights
+
+    def snapshot(self, server_round: int, weights: OrderedDict[str, np.ndarray]) -> Checkpoint:
+        return Checkpoint(round=server_round, weights=weights,
+                          strategy=strategy_state(self.strategy), rng=capture_rng(),
+                          metrics=self.output.rounds, validator=self.validator.state_dict())
+
+    def restore(self, checkpoint: Checkpoint) -> OrderedDict[str, np.ndarray]:
+        """Put the server back where ``checkpoint`` was taken; returns its global model."""
+        load_strategy_state(self.strategy, checkpoint.strategy)
+        self.validator.load_state_dict(checkpoint.validator)
+        self.output.restore(checkpoint.metrics)
+        restore_rng(checkpoint.rng)
+        return checkpoint.weights
 
     def run_round(self, server_round: int, weights: OrderedDict[str, np.ndarray],
                   started: float) -> OrderedDict[str, np.ndarray]:
         round_start = time.time()
         config = ConfigRecord({**self.train_config, "label-names": self.label_names})
+        self._seed_node_sampling(server_round, "train")
         messages = list(self.strategy.configure_train(
-            server_round, wire.arrays_to_record(weights), config, self.grid))
+            server_round, wire.arrays_to_record(weights), config, _SortedNodeIds(self.grid)))
         dense_down = wire.serialized_size(messages[0].content) if messages else 0
         if self.downlink is not None:
             self.downlink.advance(weights, server_round)
@@ -69,48 +112,68 @@ class Federation:
         decoded = self.collect_updates(messages, weights)
         if self.downlink is not None:
             self.downlink.settle(bytes_down, set(decoded.failed) | set(decoded.timed_out))
+        self.late_replies.remember(server_round, messages, decoded.timed_out,
+                                   self.cfg.round_timeout)
+        late = self.late_replies.discard_arrived(server_round)
+        self.validator.count_offences(decoded.rejected)
         record: dict[str, Any] = {
             "round": server_round,
-            "clients": len(decoded.accepted),
+            "clients": decoded.clients,
             "sampled": len(messages),
             "failed": len(decoded.failed),
             "rejected": len(decoded.rejected),
             "timed_out": len(decoded.timed_out),
+            "refused": len(decoded.refused),
+            "late_discarded": len(late),
         }
-        if len(decoded.accepted) >= self.cfg.min_train_nodes:
+        if decoded.accepted and decoded.clients >= self.cfg.min_train_nodes:
             new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
                                                                       decoded.accepted)
-            if new_arrays is not None:
-                weights = OrderedDict((k, v.numpy()) for k, v in new_arrays.items())
+            if new_arrays is not None:  # kept in the model's dtype: FedOpt's step comes back
+                # float64 (its eta_norm is a numpy float64), which would double every download
+                weights = OrderedDict((k, v.numpy().astype(weights[k].dtype, copy=False))
+                                      for k, v in new_arrays.items())
             record.update(_train_summary(decoded.accepted, train_metrics))
         else:
             log.warning("round %d: %d valid update(s) < min-train-nodes %d; global model kept",
-                        server_round, len(decoded.accepted), self.cfg.min_train_nodes)
+                        server_round, decoded.clients, self.cfg.min_train_nodes)
             record["skipped"] = True
+        record.update(self.privacy.round_record(decoded, len(list(self.grid.get_node_ids()))))
         record.update(self._evaluate(weights))
         record.update(self._federated_evaluation(server_round, weights))
+        if decoded.rejected:
+            record["rejected_reasons"] = {str(k): v for k, v in decoded.rejected.items()}
+        record["offenders"] = self.validator.offenders()
         record["bytes_down_per_client"] = {str(k): v for k, v in bytes_down.items()}
         record["bytes_up_per_client"] = {str(k): v for k, v in decoded.bytes_up.items()}
         record.update(transfer_metrics(decoded.bytes_up, bytes_down,
                                        dense_upload_size(weights, _any_metrics(decoded)),
                                        dense_down))
+        record.update(decoded.summary)
         record["wall_time_s"] = round(time.time() - round_start, 3)
         record["elapsed_s"] = round(time.time() - started, 3)
         self.output.record_round(record)
-        log.info("round %d: %d/%d clients, accuracy %.4f, loss %.4f, %.1fs", server_round,
-                 record["clients"], record["sampled"], record["accuracy"], record["loss"],
-                 record["wall_time_s"])
+        if self.checkpoints is not None:
+            self.checkpoints.save(self.snapshot(server_round, weights))
+        log.info(round_line(record, self.cfg.num_server_rounds))
         return weights
 
     def collect_updates(self, messages: list[Message],
                         weights: OrderedDict[str, np.ndarray]) -> DecodedRound:
         """Send the round's train instructions and return the decoded uploads."""
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
-        decoded = decode_replies(replies, weights, self.arrays_key)
-        answered = {reply.metadata.src_node_id for reply in replies}
-        decoded.timed_out = [m.metadata.dst_node_id for m in messages
-                             if m.metadata.dst_node_id not in answered]
+        # by instruction: the SuperLink itself answers for a node that went offline
+        instruction_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        decoded = decode_replies(replies, weights, self.arrays_key, instruction_nodes,
+                                 self.validator)
+        answered = {reply.metadata.reply_to_message_id for reply in replies}
+        decoded.timed_out = [node for message_id, node in instruction_nodes.items()
+                             if message_id not in answered]
         return decoded
+
+    def _seed_node_sampling(self, server_round: int, stage: str) -> None:
+        """Flower samples nodes with the global ``random`` (see the module docstring)."""
+        random.seed(f"{self.cfg.seed}-{server_round}-{stage}")
 
     def _evaluate(self, weights) -> dict[str, float]:
         stats = self.evaluator(weights)
@@ -120,8 +183,9 @@ class Federation:
         if self.cfg.fraction_evaluate <= 0:
             return {}
         config = ConfigRecord({"label-names": self.label_names})
+        self._seed_node_sampling(server_round, "evaluate")
         messages = self.strategy.configure_evaluate(server_round, wire.arrays_to_record(weights), config,
-                                                    self.grid)
+                                                    _SortedNodeIds(self.grid))
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         return {"client_eval": dict(metrics)} if metrics is not None else {}
@@ -132,6 +196,19 @@ def _any_metrics(decoded: DecodedRound) -> MetricRecord:
     for message in decoded.accepted:
         return message.content[wire.METRICS_KEY]
     return MetricRecord({wire.NUM_EXAMPLES: 1})
+
+
+class _SortedNodeIds:
+    """The grid with its node ids in ascending order (see the module docstring)."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def _train_summary(accepted: list[Message], metrics) -> dict[str, Any]:

@@ -63,7 +63,9 @@ class RunOutput:
         if not evaluated:
             return
         rounds = [r["round"] for r in evaluated]
-        figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 4))
+        private = [r for r in self._rounds if "epsilon_per_client" in r or "user_level_epsilon" in r]
+        figure, (acc_axis, loss_axis, *privacy_axis) = plt.subplots(
+            1, 3 if private else 2, figsize=(15 if private else 10, 4))
         acc_axis.plot(rounds, [r["accuracy"] for r in evaluated], marker="o", label="accuracy")
         acc_axis.plot(rounds, [r["macro_f1"] for r in evaluated], marker="s", label="macro-F1")
         acc_axis.set_xlabel("round")
@@ -77,6 +79,8 @@ class RunOutput:
         loss_axis.set_xlabel("round")
         loss_axis.set_title("loss")
         loss_axis.legend()
+        if private:
+            _plot_privacy(privacy_axis[0], private)
         figure.tight_layout()
         tmp = self.plot_path.with_suffix(".tmp.png")
         figure.savefig(tmp, dpi=100)
@@ -86,6 +90,22 @@ class RunOutput:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def _plot_privacy(axis, rounds: list[dict[str, Any]]) -> None:
+    """Cumulative ε per client (sample-level DP-SGD) and user-level ε, by round."""
+    clients = sorted({node for r in rounds for node in r.get("epsilon_per_client", {})})
+    for node in clients:
+        points = [(r["round"], r["epsilon_per_client"][node]) for r in rounds
+                  if node in r.get("epsilon_per_client", {})]
+        axis.plot(*zip(*points), marker="o", label=f"client {node}")
+    user_level = [(r["round"], r["user_level_epsilon"]) for r in rounds if "user_level_epsilon" in r]
+    if user_level:
+        axis.plot(*zip(*user_level), marker="s", linestyle="--", color="black",
+                  label="user-level")
+    axis.set_xlabel("round")
+    axis.set_title("privacy spent (cumulative ε)")
+    axis.legend(fontsize="small")
 
 
 def _flat_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -1,7 +1,9 @@
 """Start Flower's processes (SuperLink, SuperNodes, ``flwr run``) and stop them by PID.
 
 Every process is started in its own session so that stopping it also stops what it
-spawned (a simulation SuperLink starts ServerApp and Ray processes).
+spawned (a simulation SuperLink starts ServerApp and Ray processes). A SuperLink starts
+its SuperExec in a session of its own, so the descendants of each process are also
+looked up by parent PID and stopped.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -63,6 +66,7 @@ class ProcessGroup:
         process = self.processes.pop(name, None)
         if process is None:
             return
+        descendants = _descendants(process.pid)
         _signal_session(process.pid, sig)
         try:
             process.wait(timeout=timeout)
@@ -71,6 +75,27 @@ class ProcessGroup:
             process.wait(timeout=timeout)
         # children that outlived the leader still belong to its session
         _signal_session(process.pid, signal.SIGKILL)
+        for pid in descendants:
+            _signal_session(pid, signal.SIGKILL)
+            _signal_pid(pid, signal.SIGKILL)
+
+    def wait_for_log(self, name: str, text: str, timeout: float = 120.0) -> str:
+        """Wait until ``text`` appears in the log of process ``name``; returns the log."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log_text(name)
+            if text in log:
+                return log
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
+                log = self.log_text(name)
+                if text in log:
+                    return log
+                raise RuntimeError(f"{name} exited ({process.returncode}) without logging "
+                                   f"{text!r}:\n{log[-3000:]}")
+            time.sleep(0.5)
+        raise TimeoutError(f"{name} did not log {text!r} in {timeout:.0f}s:\n"
+                           f"{self.log_text(name)[-3000:]}")
 
     def stop_all(self) -> None:
         for name in reversed(list(self.processes)):
@@ -90,13 +115,42 @@ def _signal_session(pid: int, sig: int) -> None:
         pass
 
 
-def wait_http_health(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every living descendant of ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def wait_http_health(port: int, process: subprocess.Popen, timeout: float = 60.0,
+                     ca_file: Path | None = None) -> None:
+    """Wait for ``/health`` on 127.0.0.1:port (HTTPS verified against ``ca_file`` if given)."""
+    scheme = "https" if ca_file else "http"
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"process exited with code {process.returncode} before it was up")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as reply:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=1,
+                                        context=context) as reply:
                 if reply.status == 200:
                     return
         except OSError:

@@ -1,10 +1,20 @@
-"""Strategy plug-ins, chosen by name in the run config (``strategy``).
+"""Strategy plug-ins, chosen by name in the run config (``strategy``, ``strategy-params``).
 
 Built-ins wrap ``flwr.serverapp.strategy`` classes; third-party packages register
 more under the ``sepal.strategies`` entry-point group (see README, "Writing a
-strategy plug-in").
+strategy plug-in"). ``compatibility`` says which wrappers compose with which
+strategy; ``state`` reads and restores a strategy's state for checkpoints.
 """
 
-from strategies.registry import StrategyError, available_strategies, build_strategy
+from strategies.config import StrategyConfig
+from strategies.registry import (
+    ENTRY_POINT_GROUP,
+    StrategyError,
+    available_strategies,
+    build_strategy,
+    strategy_factory,
+    strategy_traits,
+)
 
-__all__ = ["StrategyError", "available_strategies", "build_strategy"]
+__all__ = ["ENTRY_POINT_GROUP", "StrategyConfig", "StrategyError", "available_strategies",
+           "build_strategy", "strategy_factory", "strategy_traits"]

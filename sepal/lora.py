@@ -1,0 +1,70 @@
+"""LoRA fine-tuning (peft): only the adapters and the classifier head are trained and
+exchanged.
+
+``exchanged_parameters`` (sepal.model) is "the trainable parameters", so once the model is
+wrapped here the server, every client, the evaluator and the exported model agree on what
+travels. Export merges the adapters into the base weights so that plain transformers
+loads the saved folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from sepal.config import parse_section, require
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "query,value"
+
+    @classmethod
+    def from_run_config(cls, values: Mapping[str, Any]) -> LoraSettings:
+        return parse_section(cls, values)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+    def validate(self) -> None:
+        require(self.lora_r >= 1, "lora-r", f"must be >= 1, got {self.lora_r}")
+        require(self.lora_alpha > 0, "lora-alpha", f"must be > 0, got {self.lora_alpha}")
+        require(0 <= self.lora_dropout < 1, "lora-dropout",
+                f"must be in [0, 1), got {self.lora_dropout}")
+        require(bool(self.target_modules), "lora-target-modules",
+                "must name at least one module, e.g. 'query,value'")
+
+    def apply(self, model: PreTrainedModel) -> torch.nn.Module:
+        """``model`` with LoRA adapters on the target modules (unchanged when LoRA is off)."""
+        if not self.lora:
+            return model
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [name for name in self.target_modules if name not in present]
+        require(not missing, "lora-target-modules",
+                f"names modules {missing} that model {type(model).__name__} does not have")
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=self.lora_r,
+                            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                            target_modules=self.target_modules)
+        return get_peft_model(model, config)
+
+
+def exportable(model: torch.nn.Module) -> PreTrainedModel:
+    """A plain transformers model: a copy with the LoRA adapters merged into the base
+    weights (``model`` itself when it has none)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model

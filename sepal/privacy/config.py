@@ -1,0 +1,242 @@
+"""Privacy settings: the run's (chosen by whoever starts the run) and the site's (chosen by
+the institution that runs a SuperNode).
+
+Run config (``[tool.flwr.app.config]``, ``flwr run --run-config``):
+    :class:`DPSGDSettings`       sample-level DP-SGD on every client (Opacus)
+    :class:`UserLevelDPSettings` user-level DP on the aggregate (Flower's central-DP wrappers)
+Node config (``flower-supernode --node-config``):
+    :class:`SitePolicy`          the institution's limits, which a run can only tighten
+
+A site's limits always win: the effective settings of a client are the stricter of the
+run's and the site's (smaller ε budget, smaller δ, more noise, DP forced on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.common.config import parse_config_args
+
+from sepal.config import ConfigError, parse_section, require
+
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
+USER_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGDSettings:
+    """Sample-level DP-SGD, run side.
+
+    ``dp-target-epsilon`` is the ε each client reaches at ``dp-delta`` after the whole planned
+    run (every round, every local epoch); the noise multiplier is calibrated once from it.
+    ``dp-simulated-site-policy`` gives simulated SuperNodes (which only get partition-id and
+    num-partitions as node config) a site policy: ``"0: dp-max-epsilon=2; 2: dp-force=true"``.
+    It can only tighten a node's own policy, so a server cannot use it to loosen a real site's.
+    """
+
+    dp_sgd: bool = False
+    dp_target_epsilon: float = 8.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    dp_accountant: str = "rdp"
+    dp_grad_sample_mode: str = "auto"
+    dp_simulated_site_policy: str = ""
+
+    @classmethod
+    def from_run_config(cls, values: Mapping[str, Any]) -> DPSGDSettings:
+        return parse_section(cls, values)
+
+    def validate(self) -> None:
+        require(math.isfinite(self.dp_target_epsilon) and self.dp_target_epsilon > 0,
+                "dp-target-epsilon", f"must be a finite number > 0 (the privacy budget ε), "
+                f"got {self.dp_target_epsilon}")
+        require(0 < self.dp_delta < 1, "dp-delta",
+                f"must be in (0, 1) (and below 1/number of examples), got {self.dp_delta}")
+        require(self.dp_max_grad_norm > 0, "dp-max-grad-norm",
+                f"must be > 0 (per-example gradients are clipped to it), got {self.dp_max_grad_norm}")
+        require(self.dp_accountant in ACCOUNTANTS, "dp-accountant",
+                f"must be one of {ACCOUNTANTS} (Opacus accountants), got {self.dp_accountant!r}")
+        require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp-grad-sample-mode",
+                f"must be one of {GRAD_SAMPLE_MODES}, got {self.dp_grad_sample_mode!r}")
+        self.simulated_site_policies()
+
+    def simulated_site_policies(self) -> dict[int, SitePolicy]:
+        """Partition id -> site policy, from ``dp-simulated-site-policy``."""
+        key = "dp-simulated-site-policy"
+        policies: dict[int, SitePolicy] = {}
+        for entry in filter(None, (part.strip() for part in self.dp_simulated_site_policy.split(";"))):
+            partition, sep, settings = entry.partition(":")
+            require(bool(sep) and partition.strip().isdigit(), key,
+                    f"entry {entry!r} must look like 'PARTITION-ID: key=value key=value'")
+            try:
+                values = parse_config_args([settings.strip()]) if settings.strip() else {}
+            except ValueError as err:
+                raise ConfigError(f"run config '{key}' entry {entry!r}: {err}") from err
+            unknown = set(values) - SitePolicy.keys()
+            require(not unknown, key, f"entry {entry!r} has unknown keys {sorted(unknown)} "
+                    f"(a site policy takes {sorted(SitePolicy.keys())})")
+            policies[int(partition)] = SitePolicy.from_mapping(values, source=f"run config '{key}'")
+        return policies
+
+
+@dataclasses.dataclass(frozen=True)
+class SitePolicy:
+    """An institution's privacy policy, from its SuperNode's node config.
+
+    ``dp-max-epsilon``          cap on this site's cumulative ε in a run (0 = no cap): a round
+                                that would pass it is refused, so the cap is never exceeded;
+                                a cap implies DP-SGD on this site
+    ``dp-delta``                this site's δ (0 = the run's); the smaller of the two is used
+    ``dp-force``                train under DP-SGD even when the run does not ask for it
+    ``dp-min-noise-multiplier`` floor on the DP-SGD noise multiplier (0 = none)
+    """
+
+    dp_max_epsilon: float = 0.0
+    dp_delta: float = 0.0
+    dp_force: bool = False
+    dp_min_noise_multiplier: float = 0.0
+
+    @staticmethod
+    def keys() -> set[str]:
+        return {field.name.replace("_", "-") for field in dataclasses.fields(SitePolicy)}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "node config") -> SitePolicy:
+        try:
+            return parse_section(cls, values)
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("run config", source, 1)) from err
+
+    def validate(self) -> None:
+        require(math.isfinite(self.dp_max_epsilon) and self.dp_max_epsilon >= 0, "dp-max-epsilon",
+                f"must be a finite number > 0 (0 = no cap), got {self.dp_max_epsilon}")
+        require(0 <= self.dp_delta < 1, "dp-delta",
+                f"must be in (0, 1) (0 = the run's δ), got {self.dp_delta}")
+        require(math.isfinite(self.dp_min_noise_multiplier) and self.dp_min_noise_multiplier >= 0,
+                "dp-min-noise-multiplier", f"must be >= 0, got {self.dp_min_noise_multiplier}")
+
+    def tightened_by(self, other: SitePolicy) -> SitePolicy:
+        """The stricter of two policies, limit by limit."""
+        return SitePolicy(
+            dp_max_epsilon=_smallest_set(self.dp_max_epsilon, other.dp_max_epsilon),
+            dp_delta=_smallest_set(self.dp_delta, other.dp_delta),
+            dp_force=self.dp_force or other.dp_force,
+            dp_min_noise_multiplier=max(self.dp_min_noise_multiplier,
+                                        other.dp_min_noise_multiplier),
+        )
+
+
+def site_policy(node_config: Mapping[str, Any], run: DPSGDSettings) -> SitePolicy:
+    """This node's policy: its node config, tightened by a simulated policy for its partition.
+
+    A ``dp-`` key that is not a policy key is an error: a misspelt cap must not pass silently.
+    """
+    unknown = sorted(k for k in node_config if k.startswith("dp-") and k not in SitePolicy.keys())
+    if unknown:
+        raise ConfigError(f"node config {unknown} not privacy policy keys (a site policy takes "
+                          f"{sorted(SitePolicy.keys())})")
+    own = SitePolicy.from_mapping({k: v for k, v in node_config.items() if k in SitePolicy.keys()})
+    partition = node_config.get("partition-id")
+    simulated = run.simulated_site_policies().get(int(partition)) if partition is not None else None
+    return own.tightened_by(simulated) if simulated else own
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectivePrivacy:
+    """What one client enforces: the run's DP-SGD settings under its site's policy."""
+
+    target_epsilon: float
+    delta: float
+    max_epsilon: float | None
+    min_noise_multiplier: float
+    max_grad_norm: float
+    accountant: str
+    grad_sample_mode: str
+
+    @classmethod
+    def combine(cls, run: DPSGDSettings, site: SitePolicy) -> EffectivePrivacy | None:
+        """None when neither the run nor the site asks for DP-SGD.
+
+        A site with a budget (``dp-max-epsilon``) or ``dp-force`` trains under DP-SGD even
+        in a run without it (training without DP would spend an unbounded ε), calibrated to
+        its own budget or, without one, to the run's ``dp-target-epsilon``."""
+        if not (run.dp_sgd or site.dp_force or site.dp_max_epsilon > 0):
+            return None
+        target = run.dp_target_epsilon
+        if not run.dp_sgd and site.dp_max_epsilon > 0:
+            target = site.dp_max_epsilon
+        return cls(
+            target_epsilon=target,
+            delta=_smallest_set(run.dp_delta, site.dp_delta),
+            max_epsilon=site.dp_max_epsilon or None,
+            min_noise_multiplier=site.dp_min_noise_multiplier,
+            max_grad_norm=run.dp_max_grad_norm,
+            accountant=run.dp_accountant,
+            grad_sample_mode=run.dp_grad_sample_mode,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class UserLevelDPSettings:
+    """User-level (client-level) DP on the aggregate with Flower's central-DP wrappers.
+
+    ``user-dp``: ``off``, or ``{server,client}-{fixed,adaptive}`` = which side clips each
+    client's update and whether the clipping norm is fixed or adapted (Andrew et al. 2021).
+    Flower's wrappers add Gaussian noise of std ``noise x clipping-norm / sampled clients``
+    to the average.
+    """
+
+    user_dp: str = "off"
+    user_dp_noise_multiplier: float = 1.0
+    user_dp_clipping_norm: float = 1.0
+    user_dp_target_quantile: float = 0.5
+    user_dp_clip_norm_lr: float = 0.2
+    user_dp_clipped_count_stddev: float = 0.0
+    user_dp_delta: float = 1e-5
+
+    @classmethod
+    def from_run_config(cls, values: Mapping[str, Any]) -> UserLevelDPSettings:
+        return parse_section(cls, values)
+
+    @property
+    def enabled(self) -> bool:
+        return self.user_dp != "off"
+
+    @property
+    def adaptive(self) -> bool:
+        return self.user_dp.endswith("adaptive")
+
+    @property
+    def client_side(self) -> bool:
+        return self.user_dp.startswith("client")
+
+    def validate(self) -> None:
+        require(self.user_dp in USER_DP_MODES, "user-dp",
+                f"must be one of {USER_DP_MODES}, got {self.user_dp!r}")
+        if not self.enabled:
+            return
+        require(self.user_dp_noise_multiplier != 0, "user-dp-noise-multiplier",
+                "is 0 while user-dp is on: without noise the aggregate has no privacy")
+        require(math.isfinite(self.user_dp_noise_multiplier) and self.user_dp_noise_multiplier > 0,
+                "user-dp-noise-multiplier", f"must be > 0, got {self.user_dp_noise_multiplier}")
+        require(self.user_dp_clipping_norm > 0, "user-dp-clipping-norm",
+                f"must be > 0, got {self.user_dp_clipping_norm}")
+        require(0 <= self.user_dp_target_quantile <= 1, "user-dp-target-quantile",
+                f"must be in [0, 1], got {self.user_dp_target_quantile}")
+        require(self.user_dp_clip_norm_lr > 0, "user-dp-clip-norm-lr",
+                f"must be > 0, got {self.user_dp_clip_norm_lr}")
+        require(self.user_dp_clipped_count_stddev >= 0, "user-dp-clipped-count-stddev",
+                f"must be >= 0 (0 = Flower's default, sampled clients / 20), "
+                f"got {self.user_dp_clipped_count_stddev}")
+        require(0 < self.user_dp_delta < 1, "user-dp-delta",
+                f"must be in (0, 1) (and below 1/number of clients), got {self.user_dp_delta}")
+
+
+def _smallest_set(first: float, second: float) -> float:
+    """The smaller of two limits where 0 means 'not set'."""
+    values = [value for value in (first, second) if value > 0]
+    return min(values) if values else 0.0

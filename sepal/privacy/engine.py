@@ -1,0 +1,274 @@
+"""One client's sample-level DP-SGD for a whole run, with Opacus.
+
+Like Opacus' ``PrivacyEngine``, one object owns the privacy state: the noise multiplier
+(calibrated once, at the client's first round) and one accountant for the entire run. In
+deployment every round runs in a fresh ClientApp process, so the state travels in the
+node's ``context.state`` (:meth:`ClientPrivacy.save`/:meth:`ClientPrivacy.for_node`).
+
+Planned steps: Opacus' Poisson loader draws ``ceil(N / B)`` batches per epoch, each example
+with probability ``q = 1 / ceil(N / B)``; the run plans ``T = rounds x local-epochs x
+ceil(N / B)`` steps, and the noise multiplier ``sigma`` is the smallest for which T steps
+of the sampled Gaussian mechanism cost at most the target ε at δ
+(``opacus.accountants.utils.get_noise_multiplier``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+from flwr.app import ConfigRecord, Context
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch.utils.data import DataLoader
+
+from sepal.config import ConfigError, RunConfig
+from sepal.privacy.config import DPSGDSettings, EffectivePrivacy, site_policy
+from sepal.privacy.refusal import BUDGET_EXHAUSTED, INVALID_SETTING, PrivacyRefusal, Refusal
+
+STATE_KEY = "dp-sgd"
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalPlan:
+    """The DP-SGD steps a client plans for the run."""
+
+    num_examples: int
+    batch_size: int
+    local_epochs: int
+    num_rounds: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.batch_size)
+
+    @property
+    def sample_rate(self) -> float:
+        return 1 / self.batches_per_epoch
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.local_epochs * self.batches_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.num_rounds * self.steps_per_round
+
+
+class ClientPrivacy:
+    """Sample-level DP of one client: calibration, accounting, budget, Opacus wrapping."""
+
+    def __init__(self, policy: EffectivePrivacy, plan: LocalPlan, noise_multiplier: float,
+                 history: list | tuple = ()):
+        self.policy = policy
+        self.plan = plan
+        self.noise_multiplier = noise_multiplier
+        self.accountant = create_accountant(policy.accountant)
+        self.accountant.history = [tuple(entry) for entry in history]
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    @classmethod
+    def for_node(cls, context: Context, cfg: RunConfig, num_examples: int) -> ClientPrivacy | None:
+        """This node's DP-SGD for the round, or None when neither run nor site asks for it.
+
+        Raises :class:`PrivacyRefusal` when the site must not train: impossible settings or
+        a round that would take ε past the site's ``dp-max-epsilon``.
+        """
+        try:
+            run = DPSGDSettings.from_run_config(context.run_config)
+            policy = EffectivePrivacy.combine(run, site_policy(context.node_config, run))
+        except ConfigError as err:
+            raise PrivacyRefusal(Refusal(INVALID_SETTING, str(err))) from err
+        if policy is None:
+            return None
+        plan = LocalPlan(num_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds)
+        if STATE_KEY in context.state:
+            privacy = cls.from_record(policy, plan, context.state[STATE_KEY])
+        else:
+            privacy = cls.calibrated(policy, plan)
+        privacy.check_budget()
+        return privacy
+
+    @classmethod
+    def calibrated(cls, policy: EffectivePrivacy, plan: LocalPlan) -> ClientPrivacy:
+        """Start of the run: the noise multiplier for the whole planned run."""
+        try:
+            sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan, policy.accountant,
+                                    where="this site's")
+        except ConfigError as err:
+            raise PrivacyRefusal(Refusal(INVALID_SETTING, str(err))) from err
+        return cls(policy, plan, max(sigma, policy.min_noise_multiplier))
+
+    @classmethod
+    def from_record(cls, policy: EffectivePrivacy, plan: LocalPlan,
+                    record: ConfigRecord) -> ClientPrivacy:
+        if record.get("accountant") != policy.accountant:
+            raise ConfigError(
+                f"run config 'dp-accountant' is {policy.accountant!r} but this node's saved "
+                f"privacy state was accounted with {record.get('accountant')!r}")
+        return cls(policy, plan, float(record["noise-multiplier"]),
+                   json.loads(str(record["history"])))
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({
+            "accountant": self.policy.accountant,
+            "noise-multiplier": self.noise_multiplier,
+            "history": json.dumps(self.accountant.history),
+        })
+
+    def save(self, context: Context) -> None:
+        context.state[STATE_KEY] = self.to_record()
+
+    # -- accounting ---------------------------------------------------------------------
+
+    @property
+    def steps_taken(self) -> int:
+        return sum(steps for _, _, steps in self.accountant.history)
+
+    def epsilon(self) -> float:
+        return self._epsilon(self.accountant.history)
+
+    def projected_epsilon(self, steps: int) -> float:
+        """ε after ``steps`` more steps at the current noise and sampling rate."""
+        return self._epsilon(self.accountant.history
+                             + [(self.noise_multiplier, self.plan.sample_rate, steps)])
+
+    def _epsilon(self, history: list) -> float:
+        if not history:
+            return 0.0
+        accountant = create_accountant(self.policy.accountant)
+        accountant.history = list(history)
+        return float(accountant.get_epsilon(delta=self.policy.delta))
+
+    def check_budget(self) -> None:
+        """Refuse a round that would take ε past the site's cap, before any step is taken."""
+        cap = self.policy.max_epsilon
+        if cap is None:
+            return
+        steps = self.plan.steps_per_round
+        projected = self.projected_epsilon(steps)
+        if projected <= cap:
+            return
+        if self.steps_taken == 0:
+            refusal = Refusal(INVALID_SETTING, (
+                f"node config 'dp-max-epsilon' {cap:g} is below the ε of a single round here "
+                f"({projected:.4f} at δ={self.policy.delta:g} for {steps} steps at noise "
+                f"multiplier {self.noise_multiplier:.4f}); this site can never train"))
+        else:
+            refusal = Refusal(BUDGET_EXHAUSTED, (
+                f"spent ε={self.epsilon():.4f} of node config 'dp-max-epsilon' {cap:g} at "
+                f"δ={self.policy.delta:g}; the next round ({steps} steps) would reach "
+                f"ε={projected:.4f}"))
+        raise PrivacyRefusal(refusal, self.report())
+
+    def report(self) -> ConfigRecord:
+        """What the client tells the server: its cumulative spending."""
+        return ConfigRecord({
+            "epsilon": self.epsilon(),
+            "delta": self.policy.delta,
+            "max-epsilon": self.policy.max_epsilon or 0.0,
+            "noise-multiplier": self.noise_multiplier,
+            "sample-rate": self.plan.sample_rate,
+            "steps": self.steps_taken,
+        })
+
+    # -- training -----------------------------------------------------------------------
+
+    def grad_sample_mode(self, model: torch.nn.Module) -> str:
+        """Ghost clipping for full fine-tuning; hooks for LoRA, whose few trainable
+        parameters make materialized per-sample gradients cheaper than a second backward."""
+        if self.policy.grad_sample_mode != "auto":
+            return self.policy.grad_sample_mode
+        from peft import PeftModel
+
+        return "hooks" if isinstance(model, PeftModel) else "ghost"
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               loader: DataLoader) -> Iterator[tuple[torch.optim.Optimizer, object, DataLoader]]:
+        """One round under DP-SGD: yields (optimizer, criterion or None, Poisson loader).
+
+        Noise and batch sampling draw from generators seeded from the OS, never from the
+        run's seed: the server knows that seed and could otherwise regenerate and remove
+        the noise. Every planned step is accounted, including the empty Poisson batches
+        the training loop skips, and a round that fails halfway.
+        """
+        device = next(model.parameters()).device
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant=self.policy.accountant)
+        engine.accountant = self.accountant
+        mode = self.grad_sample_mode(model)
+        private_loader = DataLoader(loader.dataset, batch_size=loader.batch_size,
+                                    collate_fn=loader.collate_fn,
+                                    generator=_os_seeded_generator(torch.device("cpu")))
+        if len(private_loader) != self.plan.batches_per_epoch:
+            raise ValueError(f"privacy plan made for {self.plan.num_examples} examples, but the "
+                             f"loader holds {len(loader.dataset)}")
+        steps_before = self.steps_taken
+        model.train()  # Opacus validates the mode; from_pretrained returns eval mode
+        wrapped = engine.make_private(
+            module=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
+            data_loader=private_loader, noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.policy.max_grad_norm, poisson_sampling=True,
+            grad_sample_mode=mode, wrap_model=False,
+            noise_generator=_os_seeded_generator(device),
+        )
+        hooks, dp_optimizer, *criterion, dp_loader = wrapped
+        try:
+            yield dp_optimizer, (criterion[0] if criterion else None), dp_loader
+        finally:
+            hooks.cleanup()
+            for _ in range(self.plan.steps_per_round - (self.steps_taken - steps_before)):
+                self.accountant.step(noise_multiplier=self.noise_multiplier,
+                                     sample_rate=dp_loader.sample_rate)
+
+
+def calibrate_noise(target_epsilon: float, delta: float, plan: LocalPlan, accountant: str,
+                    where: str) -> float:
+    """The smallest noise multiplier whose planned steps cost at most ``target_epsilon``.
+
+    Raises ConfigError naming the setting that makes this impossible.
+    """
+    if delta >= 1 / plan.num_examples:
+        raise ConfigError(
+            f"'dp-delta' {delta:g} must be below 1/n = {1 / plan.num_examples:g} for {where} "
+            f"n = {plan.num_examples} examples (δ = 1/n allows revealing an example outright)")
+    try:
+        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                    sample_rate=plan.sample_rate, steps=plan.total_steps,
+                                    accountant=accountant)
+    except ValueError as err:
+        raise ConfigError(
+            f"'dp-target-epsilon' {target_epsilon:g} is too small for even one step of DP-SGD "
+            f"with {where} {plan.num_examples} examples: no noise multiplier up to 1e6 "
+            f"reaches it over the {plan.total_steps} planned steps ({err})") from err
+
+
+def check_run_settings(settings: DPSGDSettings, cfg: RunConfig, num_train_examples: int) -> None:
+    """Server start-up: settings that no client can satisfy stop the run here.
+
+    Checked against the whole training set, the most favourable case (every client holds a
+    share, so a smaller n and a larger sampling rate); each client checks again with its own
+    share and refuses with ``invalid-setting`` if they fail there.
+    """
+    if not settings.dp_sgd:
+        return
+    plan = LocalPlan(num_train_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds)
+    try:
+        calibrate_noise(settings.dp_target_epsilon, settings.dp_delta, plan,
+                        settings.dp_accountant, where="the run's training set of")
+    except ConfigError as err:
+        raise ConfigError(f"run config {err}") from err
+
+
+def _os_seeded_generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))

@@ -1,0 +1,60 @@
+"""A site's machine-readable refusal to train, and the privacy report a client sends.
+
+A refusing client replies with a ``refusal`` ConfigRecord (``code``, ``reason``) and no
+update; both refusals and successful replies carry a ``privacy`` ConfigRecord with the
+client's cumulative ε so that the server can record every site's spending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flwr.app import ConfigRecord, RecordDict
+
+from sepal import wire
+
+BUDGET_EXHAUSTED = "budget-exhausted"  # the next round would take ε past dp-max-epsilon
+INVALID_SETTING = "invalid-setting"    # the privacy settings are impossible on this site
+CODES = (BUDGET_EXHAUSTED, INVALID_SETTING)
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    code: str
+    reason: str
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({"code": self.code, "reason": self.reason})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> Refusal:
+        code, reason = record.get("code"), record.get("reason")
+        if code not in CODES or not isinstance(reason, str):
+            raise wire.UploadError(f"malformed refusal: code {code!r} (known: {CODES}), "
+                                   f"reason {reason!r}")
+        return cls(code, reason)
+
+
+class PrivacyRefusal(Exception):
+    """Raised on a client that must not train this round; becomes its reply."""
+
+    def __init__(self, refusal: Refusal, report: ConfigRecord | None = None):
+        super().__init__(f"{refusal.code}: {refusal.reason}")
+        self.refusal = refusal
+        self.report = report
+
+    def content(self) -> RecordDict:
+        content = RecordDict({wire.REFUSAL_KEY: self.refusal.to_record()})
+        if self.report is not None:
+            content[wire.PRIVACY_KEY] = self.report
+        return content
+
+
+def read_reply_privacy(content: RecordDict) -> tuple[ConfigRecord | None, Refusal | None]:
+    """A reply's privacy report and refusal (either may be absent)."""
+    report = content[wire.PRIVACY_KEY] if wire.PRIVACY_KEY in content else None
+    if report is not None and not isinstance(report.get("epsilon"), float):
+        raise wire.UploadError(f"privacy report without a float 'epsilon': {dict(report)}")
+    refusal = (Refusal.from_record(content[wire.REFUSAL_KEY])
+               if wire.REFUSAL_KEY in content else None)
+    return report, refusal

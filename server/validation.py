@@ -1,0 +1,106 @@
+"""Checks on every decoded update before a strategy sees it.
+
+Each update, against the global model: the same tensor names and shapes, dtype
+float32, every value finite. Then, across the round, its L2 norm must be at most
+``validation-norm-multiple`` times a reference:
+
+* ``validation-clip-bound`` when set (> 0), e.g. the clipping norm clients apply
+  under DP: a correctly clipped update is never longer;
+* otherwise the median norm of the round's updates that passed the per-tensor
+  checks. The median needs at least 3 updates to single out an outlier (of 2, each
+  is within 2x of their median), so with fewer this check waits for the next round.
+
+A rejected upload counts as an offence of its node. The counts live as long as the
+ServerApp (the whole run), are written to every round's metrics (``offenders``)
+and saved in checkpoints, so repeat offenders stay visible across rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from sepal.config import parse_section, require
+from sepal.wire import UploadError
+
+MIN_UPDATES_FOR_MEDIAN = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    validation_norm_multiple: float = 10.0  # 0 switches the norm check off
+    validation_clip_bound: float = 0.0      # > 0: reference norm; 0: the round's median norm
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ValidationConfig:
+        return parse_section(cls, values)
+
+    def validate(self) -> None:
+        require(self.validation_norm_multiple == 0 or self.validation_norm_multiple >= 1,
+                "validation-norm-multiple", "must be 0 (off) or >= 1")
+        require(self.validation_clip_bound >= 0, "validation-clip-bound",
+                "must be >= 0 (0 = use the round's median norm)")
+
+
+class UpdateValidator:
+    def __init__(self, cfg: ValidationConfig | None = None):
+        self.cfg = cfg or ValidationConfig()
+        self.offences: Counter[int] = Counter()
+
+    def check(self, update: Mapping[str, np.ndarray],
+              global_arrays: Mapping[str, np.ndarray]) -> None:
+        """Raise UploadError naming the first defect of one update."""
+        missing = [name for name in global_arrays if name not in update]
+        if missing:
+            raise UploadError(f"tensor(s) missing from the update: {missing[:3]}")
+        unknown = [name for name in update if name not in global_arrays]
+        if unknown:
+            raise UploadError(f"tensor(s) not in the global model: {unknown[:3]}")
+        for name, reference in global_arrays.items():
+            array = update[name]
+            if array.shape != reference.shape:
+                raise UploadError(f"tensor '{name}' has shape {tuple(array.shape)}, the global "
+                                  f"model's is {tuple(reference.shape)}")
+            if array.dtype != np.float32:
+                raise UploadError(f"tensor '{name}' has dtype {array.dtype}, expected float32")
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise UploadError(f"tensor '{name}' holds {bad} NaN or Inf value(s)")
+
+    def check_norms(self, updates: Mapping[int, Mapping[str, np.ndarray]]) -> dict[int, str]:
+        """Node -> defect for the updates whose norm is out of bounds this round."""
+        multiple = self.cfg.validation_norm_multiple
+        if multiple == 0 or not updates:
+            return {}
+        norms = {node: update_norm(update) for node, update in updates.items()}
+        if self.cfg.validation_clip_bound > 0:
+            reference, what = self.cfg.validation_clip_bound, "the clip bound"
+        elif len(norms) >= MIN_UPDATES_FOR_MEDIAN:
+            reference, what = float(np.median(list(norms.values()))), "the round's median norm"
+        else:
+            return {}
+        limit = multiple * reference
+        return {node: f"update L2 norm {norm:.4g} exceeds {multiple:g} x {what} "
+                      f"{reference:.4g} (limit {limit:.4g})"
+                for node, norm in norms.items() if norm > limit}
+
+    def count_offences(self, nodes: Iterable[int]) -> None:
+        self.offences.update(list(nodes))  # a list: Counter.update(mapping) would add its values
+
+    def offenders(self) -> dict[str, int]:
+        """Node id (as a string, for JSON) -> rejected uploads so far in this run."""
+        return {str(node): count for node, count in sorted(self.offences.items())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"offences": self.offenders()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.offences = Counter({int(node): int(n) for node, n in state["offences"].items()})
+
+
+def update_norm(update: Mapping[str, np.ndarray]) -> float:
+    return float(np.sqrt(sum(np.square(a, dtype=np.float64).sum() for a in update.values())))

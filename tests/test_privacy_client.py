@@ -1,0 +1,251 @@
+"""Sample-level DP-SGD on a client: clipping, accounting, persistence, site budgets.
+
+Real Opacus on the tiny random BERT and real SST-2 sentences; the client app's own
+``train`` function is called with Flower Message/Context objects, as a SuperNode would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting import rdp
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common import Metadata
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from opacus.accountants import RDPAccountant
+
+from sepal import wire
+from sepal.config import ConfigError, RunConfig
+from sepal.data import collate, make_loader
+from sepal.lora import LoraSettings
+from sepal.model import build_model, get_weights
+from sepal.privacy import (
+    ClientPrivacy,
+    DPSGDSettings,
+    EffectivePrivacy,
+    LocalPlan,
+    SitePolicy,
+    UserLevelDPSettings,
+    check_run_settings,
+    site_policy,
+)
+from sepal.task import NodeData, tokenized_node_split
+from sepal.training import MODEL_INPUTS
+from tests.conftest import PROJECT_ROOT, SST2
+from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
+
+LABELS = ["negative", "positive"]
+# 160 SST-2 sentences over 2 partitions: 80 per node, batch 16 -> q = 0.2, 5 steps per round
+RUN = {
+    "model": "tiny-bert", "dataset": str(SST2), "max-train-examples": 160, "max-seq-length": 32,
+    "batch-size": 16, "num-server-rounds": 3, "learning-rate": 1e-3, "seed": 42,
+    "dp-sgd": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5,
+}
+NODE = {"partition-id": 0, "num-partitions": 2}
+
+
+def train_message(server_round: int) -> Message:
+    weights = get_weights(build_model("tiny-bert", LABELS, 42))
+    content = RecordDict({
+        wire.ARRAYS_KEY: wire.arrays_to_record(weights),
+        wire.CONFIG_KEY: ConfigRecord({"label-names": LABELS, "server-round": server_round}),
+    })
+    metadata = Metadata(run_id=1, message_id=f"train-{server_round}", src_node_id=0,
+                        dst_node_id=7, reply_to_message_id="", group_id=str(server_round),
+                        created_at=time.time(), ttl=3600.0, message_type="train")
+    return Message(content=content, metadata=metadata)
+
+
+def client_context(node_config: dict, state: RecordDict | None = None) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config,
+                   state=state if state is not None else RecordDict(), run_config=dict(RUN))
+
+
+def independent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Google's dp-accounting (not Opacus) for ``steps`` Poisson-sampled Gaussian steps, on
+    Opacus' grid of RDP orders (dp-accounting skips the few it cannot evaluate)."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    accountant = rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(
+        sample_rate, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return float(accountant.get_epsilon(delta))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full-ghost", "lora-hooks"])
+def test_per_example_gradients_are_clipped_to_the_bound(lora):
+    """With noise 0, the DP gradient of a real batch is the mean of per-example gradients
+    each clipped to C, computed here one example at a time without Opacus."""
+    cfg = RunConfig.from_mapping(RUN)
+    dataset = tokenized_node_split(cfg, NodeData(partition_id=0, num_partitions=2), "train")
+    model = build_model("tiny-bert", LABELS, 1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # the per-example reference must see the same function
+    model = LoraSettings(lora=lora).apply(model).eval()  # as from_pretrained returns it
+    bound = 0.05
+    policy = EffectivePrivacy(target_epsilon=8.0, delta=1e-5, max_epsilon=None,
+                              min_noise_multiplier=0.0, max_grad_norm=bound, accountant="rdp",
+                              grad_sample_mode="auto")
+    privacy = ClientPrivacy(policy, LocalPlan(len(dataset), 16, 1, 1), noise_multiplier=0.0)
+    assert privacy.grad_sample_mode(model) == ("hooks" if lora else "ghost")
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    batch = collate([dataset[i] for i in range(8)])
+    inputs = {key: batch[key] for key in MODEL_INPUTS}
+
+    optimizer = torch.optim.SGD(params.values(), lr=1.0)
+    with privacy.attach(model, optimizer, make_loader(dataset, 16, True, 0)) as (dp_opt, loss_fn, _):
+        loss = (loss_fn or torch.nn.CrossEntropyLoss())(model(**inputs).logits, batch["labels"])
+        dp_opt.zero_grad()
+        loss.backward()
+        dp_opt.pre_step()  # clip, add (zero) noise, scale by the expected batch size
+        private = {name: p.grad.detach().clone() for name, p in params.items()}
+        expected_batch = dp_opt.expected_batch_size
+
+    reference = {name: torch.zeros_like(p) for name, p in params.items()}
+    norms = []
+    for i in range(8):
+        model.zero_grad()
+        logits = model(**{key: value[i:i + 1] for key, value in inputs.items()}).logits
+        torch.nn.functional.cross_entropy(logits, batch["labels"][i:i + 1]).backward()
+        norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in params.values())))
+        norms.append(norm)
+        for name, p in params.items():
+            reference[name] += p.grad * min(1.0, bound / norm)
+    assert min(norms) > 10 * bound, "the bound must actually bite on this batch"
+    for name in params:
+        torch.testing.assert_close(private[name], reference[name] / expected_batch,
+                                   rtol=1e-4, atol=1e-8)
+    total = float(torch.sqrt(sum((g ** 2).sum() for g in private.values())))
+    assert total <= 8 * bound / expected_batch * (1 + 1e-5)
+
+
+def test_epsilon_is_cumulative_across_a_fresh_process_and_the_site_cap_holds(tmp_path):
+    """Round 1 in this process; round 2 in a new Python process fed only the node's
+    context.state (serialized as Flower serializes it); round 3 back here. The ε reported
+    each round equals Google's dp-accounting for the same q, noise and step count; the
+    round that would pass the site's dp-max-epsilon is refused, not trained."""
+    from client.app import train
+
+    context = client_context(dict(NODE))
+    first = train(train_message(1), context)
+    report = first.content[wire.PRIVACY_KEY]
+    sigma = report["noise-multiplier"]
+    assert (report["sample-rate"], report["steps"]) == (0.2, 5)
+    curve = [independent_epsilon(sigma, 0.2, 5 * r, 1e-5) for r in (1, 2, 3)]
+    assert 7.95 <= curve[2] <= 8.0  # calibrated once so that the planned 3 rounds end at 8
+    assert report["epsilon"] == pytest.approx(curve[0], rel=1e-3)
+
+    # the site tightens its policy (node config is read every round): round 2 fits under
+    # the cap, round 3 would not
+    cap = float(curve[1] + curve[2]) / 2
+    state_file = tmp_path / "state.pb"
+    state_file.write_bytes(recorddict_to_proto(context.state).SerializeToString())
+    script = f"""
+import json
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict
+from tests.test_privacy_client import client_context, train_message, NODE
+from client.app import train
+proto = RecordDict()
+proto.ParseFromString(open({str(state_file)!r}, "rb").read())
+context = client_context({{**NODE, "dp-max-epsilon": {cap!r}}}, recorddict_from_proto(proto))
+reply = train(train_message(2), context)
+open({str(state_file)!r}, "wb").write(recorddict_to_proto(context.state).SerializeToString())
+print(json.dumps(dict(reply.content["privacy"])))
+"""
+    completed = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, check=True,
+                               capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT),
+                                    "OMP_NUM_THREADS": "1"})
+    second = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert second["noise-multiplier"] == sigma and second["steps"] == 10
+    assert second["epsilon"] == pytest.approx(curve[1], rel=1e-3)
+    assert second["epsilon"] <= cap
+
+    proto = ProtoRecordDict()
+    proto.ParseFromString(state_file.read_bytes())
+    context = client_context({**NODE, "dp-max-epsilon": cap}, recorddict_from_proto(proto))
+    refused = train(train_message(3), context)
+    assert wire.UPDATE_KEY not in refused.content
+    refusal = refused.content[wire.REFUSAL_KEY]
+    assert refusal["code"] == "budget-exhausted"
+    assert "dp-max-epsilon" in refusal["reason"]
+    assert refused.content[wire.PRIVACY_KEY]["epsilon"] == second["epsilon"]
+
+
+def test_a_site_can_force_dp_and_only_tighten():
+    run = DPSGDSettings.from_run_config({"dp-sgd": False, "dp-delta": 1e-5,
+                                         "dp-simulated-site-policy": "0: dp-max-epsilon=1.0"})
+    own = {"partition-id": 0, "dp-max-epsilon": 3.0, "dp-force": True, "dp-delta": 1e-6,
+           "dp-min-noise-multiplier": 10.0}
+    policy = EffectivePrivacy.combine(run, site_policy(own, run))
+    assert policy is not None  # forced on although the run has dp-sgd off
+    assert policy.max_epsilon == 1.0 and policy.delta == 1e-6  # stricter of run and site
+    assert policy.target_epsilon == 1.0  # a forced site calibrates to its own budget
+    loose = DPSGDSettings.from_run_config(
+        {"dp-sgd": True, "dp-simulated-site-policy": "0: dp-max-epsilon=50"})
+    assert site_policy(own, loose).dp_max_epsilon == 3.0  # a run cannot loosen a site
+    assert EffectivePrivacy.combine(DPSGDSettings(), SitePolicy()) is None
+    capped = EffectivePrivacy.combine(DPSGDSettings(), SitePolicy(dp_max_epsilon=2.0))
+    assert capped is not None and capped.target_epsilon == 2.0  # a cap implies DP-SGD
+    # the site's noise floor beats the run's calibration
+    plan = LocalPlan(80, 16, 1, 3)
+    assert ClientPrivacy.calibrated(policy, plan).noise_multiplier == 10.0
+
+
+@pytest.mark.parametrize("run_config, node_config, key", [
+    ({"dp-target-epsilon": 0.0}, {}, "'dp-target-epsilon'"),
+    ({"dp-target-epsilon": -1.0}, {}, "'dp-target-epsilon'"),
+    ({"dp-delta": 1.0}, {}, "'dp-delta'"),
+    ({"dp-max-grad-norm": 0.0}, {}, "'dp-max-grad-norm'"),
+    ({"dp-accountant": "moments"}, {}, "'dp-accountant'"),
+    ({"dp-simulated-site-policy": "first: dp-max-epsilon=1"}, {}, "'dp-simulated-site-policy'"),
+    ({"dp-simulated-site-policy": "0: dp-max-epsilom=1"}, {}, "unknown keys ['dp-max-epsilom']"),
+    ({"user-dp": "server-fixed", "user-dp-noise-multiplier": 0.0}, {}, "'user-dp-noise-multiplier'"),
+    ({"user-dp": "central"}, {}, "'user-dp'"),
+    ({}, {"dp-max-epsilon": -1.0}, "node config 'dp-max-epsilon'"),
+    ({}, {"dp-delta": 2.0}, "node config 'dp-delta'"),
+    ({}, {"dp-max-epsilom": 1.0}, "'dp-max-epsilom'"),
+])
+def test_impossible_settings_name_the_setting(run_config, node_config, key):
+    with pytest.raises(ConfigError) as err:
+        run = DPSGDSettings.from_run_config(run_config)
+        UserLevelDPSettings.from_run_config(run_config)
+        site_policy(node_config, run)
+    assert key in str(err.value)
+
+
+def test_server_start_up_rejects_delta_and_budget_no_client_can_meet():
+    cfg = RunConfig.from_mapping(RUN)
+    with pytest.raises(ConfigError, match=r"run config 'dp-delta' 0.01 must be below 1/n = 0.00625"):
+        check_run_settings(DPSGDSettings(dp_sgd=True, dp_delta=0.01), cfg, 160)
+    with pytest.raises(ConfigError, match="'dp-target-epsilon' 1e-09 is too small for even one step"):
+        check_run_settings(DPSGDSettings(dp_sgd=True, dp_target_epsilon=1e-9), cfg, 160)
+
+
+@pytest.mark.parametrize("run_config, node_config, fragment", [
+    ({}, {"dp-max-epsilon": 0.5}, "'dp-max-epsilon' 0.5 is below the ε of a single round"),
+    ({"dp-delta": 0.05}, {}, "'dp-delta' 0.05 must be below 1/n = 0.0125"),
+    ({}, {"dp-max-epsilon": "lots"}, "node config 'dp-max-epsilon' must be a number"),
+])
+def test_a_site_that_can_never_train_refuses_with_invalid_setting(run_config, node_config,
+                                                                   fragment):
+    """In deployment the server checks δ against its own data, never a site's n."""
+    from client.app import train
+
+    context = client_context({**NODE, **node_config})
+    context.run_config.update(run_config)
+    reply = train(train_message(1), context)
+    refusal = reply.content[wire.REFUSAL_KEY]
+    assert refusal["code"] == "invalid-setting"
+    assert fragment in refusal["reason"]
+    assert wire.UPDATE_KEY not in reply.content

@@ -1,0 +1,408 @@
+"""SecAgg+ rounds: the real server workflow and client handlers, real cryptography.
+
+Messages travel through ``LoopbackGrid`` (in-process, every content serialized to
+Flower's protobuf and back); the clients' "training" returns fixed random updates
+through the dense codec so that the plaintext sum is known exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import (
+    Bulyan,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
+from scipy import stats
+
+from client.secure_aggregation import STATE_KEY, register_secure_aggregation
+from sepal import wire
+from sepal.codecs import DenseCodec
+from sepal.config import ConfigError, RunConfig
+from sepal.secagg.config import SecAggConfig
+from sepal.secagg.fixedpoint import FixedPoint
+from sepal.secagg.packing import unpack
+from sepal.secagg.protocol import (
+    MASKED_INPUT,
+    MASKED_KEY,
+    SETUP,
+    SHARE_KEYS,
+    SHARES_KEY,
+    UNMASK,
+    UNMASK_KEY,
+    message_type,
+)
+from sepal.privacy import UserLevelDPSettings
+from sepal.privacy.refusal import BUDGET_EXHAUSTED, PrivacyRefusal, Refusal
+from server.central_dp import wrap_with_user_level_dp
+from server.secure_aggregation import (
+    SecureAggregation,
+    SecureFederation,
+    check_codec,
+    check_strategy,
+    check_user_dp,
+)
+from simulations.loopback import LoopbackGrid
+
+SHAPES = {"encoder.weight": (40, 25), "encoder.bias": (25,), "head": (3, 5)}
+STAGES = (SETUP, SHARE_KEYS, MASKED_INPUT, UNMASK)
+
+
+class Federation5:
+    """Five clients with known updates and example counts; t = 3 (complete graph)."""
+
+    def __init__(self, nodes=(101, 202, 303, 404, 505), shapes=SHAPES, **config):
+        rng = np.random.default_rng(0)
+        self.nodes, self.shapes = list(nodes), shapes
+        self.refusing: set[int] = set()  # nodes whose privacy budget is spent
+        self.dim = sum(int(np.prod(s)) for s in shapes.values())
+        self.updates = {n: OrderedDict((k, rng.normal(0, 0.01, s).astype(np.float32))
+                                       for k, s in shapes.items()) for n in self.nodes}
+        self.examples = {n: int(rng.integers(50, 1500)) for n in self.nodes}
+        self.run_config = {"secure-aggregation": True, "secagg-threshold": 0.6, **config}
+        self.config = SecAggConfig.from_mapping(self.run_config)
+        app = ClientApp()
+        register_secure_aggregation(app, self._train)
+        self.grid = LoopbackGrid(app, self.nodes, self.run_config)
+        self.delivered: list[tuple[str, int]] = []
+        self.grid.on_instruction = self._record
+
+    def _record(self, message: Message) -> Message:
+        self.delivered.append((message.metadata.message_type, message.metadata.dst_node_id))
+        return message
+
+    def _train(self, msg: Message, context) -> Message:
+        node = msg.metadata.dst_node_id
+        report = ConfigRecord({"epsilon": 1.5 + node, "delta": 1e-5})
+        if node in self.refusing:
+            refusal = Refusal(BUDGET_EXHAUSTED, "the next round would pass dp-max-epsilon")
+            return Message(PrivacyRefusal(refusal, report).content(), reply_to=msg)
+        payload, params, _ = DenseCodec().encode(self.updates[node], None)
+        metrics = MetricRecord({wire.NUM_EXAMPLES: self.examples[node], "train-loss": 0.25,
+                                "train-accuracy": 0.5})
+        return Message(RecordDict({wire.UPDATE_KEY: payload, wire.CODEC_KEY: params,
+                                   wire.METRICS_KEY: metrics, wire.PRIVACY_KEY: report}),
+                       reply_to=msg)
+
+    def run_round(self, server_round=1):
+        zeros = OrderedDict((k, np.zeros(s, np.float32)) for k, s in self.shapes.items())
+        messages = [Message(RecordDict({wire.ARRAYS_KEY: wire.arrays_to_record(zeros),
+                                        wire.CONFIG_KEY: ConfigRecord({"server-round": server_round})}),
+                            node, "train") for node in self.nodes]
+        return SecureAggregation(self.grid, self.config, train_timeout=60).run(messages, self.dim)
+
+    def expected_mean(self, contributors, uniform=False):
+        cap = self.config.secagg_max_examples
+        flat = {n: np.concatenate([u.ravel() for u in self.updates[n].values()])
+                for n in contributors}
+        weights = {n: 1.0 if uniform else min(self.examples[n], cap) / cap for n in contributors}
+        return sum(weights[n] * flat[n] for n in contributors) / sum(weights.values()), \
+            sum(weights.values())
+
+    def assert_mean_of(self, result, contributors):
+        assert result.aborted is None, result.aborted
+        assert result.contributors == sorted(contributors)
+        expected, total_weight = self.expected_mean(contributors)
+        step = FixedPoint(self.config.secagg_clip, self.config.secagg_value_bits, 1).step
+        # each contributor's stochastic rounding moves the weighted sum by < 1 step
+        assert np.abs(result.mean_update - expected).max() < len(contributors) * step / total_weight
+        assert result.totals["examples"] == sum(self.examples[n] for n in contributors)
+
+
+def drop_at(fed: Federation5, stage: str, nodes: set[int]):
+    """Lose the replies of ``nodes`` to ``stage`` (as if they went offline)."""
+    def hook(reply: Message):
+        if reply.metadata.message_type == message_type(stage) and \
+                reply.metadata.src_node_id in nodes:
+            return None
+        return reply
+    fed.grid.on_reply = hook
+
+
+def test_unmasked_sum_equals_plaintext_weighted_sum_and_secrets_are_erased():
+    fed = Federation5()
+    result = fed.run_round()
+    fed.assert_mean_of(result, fed.nodes)
+    assert result.threshold == 3 and result.neighbours == 4
+    assert result.totals["train-loss"] == pytest.approx(0.25, abs=1e-6)
+    assert not result.failed and not result.rejected and not result.timed_out
+    # the only upload that grows with the model is the b-bit packed vector
+    packed = -(-fed.dim // 8) * result.sum_bits
+    assert all(packed < up < packed + 3000 for up in result.bytes_up.values())
+    for context in fed.grid.contexts.values():
+        state = context.state[STATE_KEY]
+        assert state["stage"] == UNMASK
+        assert not {"seed", "mask-private", "envelope-private", "seed-shares",
+                    "key-shares"} & set(state.keys())
+        assert list(context.state.keys()) == [STATE_KEY]  # no update kept between messages
+
+
+def test_a_masked_upload_is_indistinguishable_from_uniform():
+    fed = Federation5(nodes=(1, 2, 3), shapes={"w": (256, 200)})  # ~200 values per bin
+    captured = {}
+
+    def capture(reply):
+        if reply.metadata.message_type == message_type(MASKED_INPUT):
+            captured[reply.metadata.src_node_id] = reply.content[MASKED_KEY]["values"].numpy()
+        return reply
+    for node in fed.nodes:  # a very non-uniform input: every coordinate the same
+        fed.updates[node] = OrderedDict(w=np.full((256, 200), 0.004, np.float32))
+    fed.grid.on_reply = capture
+    result = fed.run_round()
+    assert result.aborted is None
+    bits = result.sum_bits
+    masked = unpack(captured[2], bits, fed.dim).astype(np.int64)
+    fixed = FixedPoint(fed.config.secagg_clip, fed.config.secagg_value_bits, bits)
+    plain, _ = fixed.encode(np.full(fed.dim, 0.004, np.float32), 1.0, np.random.default_rng(0))
+    plain = plain.astype(np.int64) & ((1 << bits) - 1)
+    for values, uniform in ((masked, True), (plain, False)):
+        for chunk in (values & 0xFF, values >> (bits - 8)):  # low and high 8-bit chunks
+            observed = np.bincount(chunk, minlength=256)
+            p_value = stats.chisquare(observed).pvalue
+            assert (p_value > 1e-4) if uniform else (p_value < 1e-12)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dropouts_up_to_n_minus_t_at_every_stage_still_give_the_sum(stage):
+    fed = Federation5()
+    gone = {202, 404}  # n - t = 2
+    drop_at(fed, stage, gone)
+    result = fed.run_round()
+    # dropping at unmask comes after the masked input arrived: those inputs still count
+    contributors = fed.nodes if stage == UNMASK else [n for n in fed.nodes if n not in gone]
+    fed.assert_mean_of(result, contributors)
+    assert set(result.timed_out) == gone and set(result.timed_out.values()) == {stage}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_below_threshold_at_any_stage_aborts_and_reveals_nothing(stage, caplog):
+    fed = Federation5()
+    drop_at(fed, stage, {202, 303, 404})  # n - t + 1 = 3
+    with caplog.at_level(logging.WARNING, logger="sepal.server"):
+        result = fed.run_round()
+    assert result.mean_update is None and result.contributors == []
+    assert "threshold" in result.aborted
+    assert "abandoned" in caplog.text
+    unmask_requests = [n for kind, n in fed.delivered if kind == message_type(UNMASK)]
+    if stage != UNMASK:  # no client was even asked for a share to unmask
+        assert unmask_requests == []
+    else:  # two of the three needed seed shares per survivor: no self mask can be removed
+        assert "share(s)" in result.aborted
+
+
+def test_tampered_share_envelope_drops_its_sender_and_the_sum_is_right(caplog):
+    fed = Federation5()
+
+    def tamper(message):
+        if message.metadata.message_type == message_type(MASKED_INPUT) and \
+                message.metadata.dst_node_id == 505:
+            shares = message.content[SHARES_KEY]
+            envelopes = list(shares["envelopes"])
+            at = list(shares["senders"]).index(303)
+            envelopes[at] = envelopes[at][:-1] + bytes([envelopes[at][-1] ^ 0x40])
+            shares["envelopes"] = envelopes
+        return message
+    fed.grid.on_instruction = tamper
+    with caplog.at_level(logging.WARNING):
+        result = fed.run_round()
+    fed.assert_mean_of(result, [101, 202, 404, 505])
+    assert "303" in str(list(result.rejected)) and "authentication" in result.rejected[303]
+    assert "envelope from node 303 rejected" in caplog.text
+
+
+def test_wrong_length_masked_vector_drops_its_sender_and_the_sum_is_right():
+    fed = Federation5()
+
+    def truncate(reply):
+        if reply.metadata.message_type == message_type(MASKED_INPUT) and \
+                reply.metadata.src_node_id == 404:
+            record = reply.content[MASKED_KEY]
+            record["values"] = type(record["values"])(record["values"].numpy()[:-3].copy())
+        return reply
+    fed.grid.on_reply = truncate
+    result = fed.run_round()
+    fed.assert_mean_of(result, [101, 202, 303, 505])
+    assert "expected" in result.rejected[404] and "uint8" in result.rejected[404]
+
+
+def test_reply_replayed_from_an_earlier_round_is_detected_and_dropped():
+    fed = Federation5()
+    old = {}
+
+    def keep(reply):
+        if reply.metadata.message_type == message_type(MASKED_INPUT):
+            old[reply.metadata.src_node_id] = reply
+        return reply
+    fed.grid.on_reply = keep
+    fed.run_round(server_round=1)
+
+    def replay(reply):
+        if reply.metadata.message_type == message_type(MASKED_INPUT) and \
+                reply.metadata.src_node_id == 202:
+            return Message(content=old[202].content, reply_to=Message(
+                RecordDict(), 202, reply.metadata.message_type))
+        return reply
+    fed.grid.on_reply = replay
+    result = fed.run_round(server_round=2)
+    fed.assert_mean_of(result, [101, 303, 404, 505])
+    assert "replayed" in result.rejected[202] and "round 1" in result.rejected[202]
+
+
+def test_client_refuses_a_replayed_instruction_and_a_second_unmask():
+    fed = Federation5(nodes=(1, 2, 3))
+    seen = {}
+
+    def keep(message):
+        seen.setdefault(message.metadata.message_type, {})[message.metadata.dst_node_id] = message
+        return message
+    fed.grid.on_instruction = keep
+    fed.run_round(server_round=1)
+    fed.grid.on_instruction = None
+
+    # an unmask request replayed after the round: the secrets are gone, the client refuses
+    again = fed.grid.send_and_receive([seen[message_type(UNMASK)][1]])[0]
+    assert again.has_error() and "stage 'unmask'" in again.error.reason
+
+    # a share-keys message of round 1 delivered in round 2 is refused by its round id
+    def replay_old(message):
+        if message.metadata.message_type == message_type(SHARE_KEYS) and \
+                message.metadata.dst_node_id == 3:
+            old = seen[message_type(SHARE_KEYS)][3]
+            return Message(old.content, 3, old.metadata.message_type)
+        return message
+    fed.grid.on_instruction = replay_old
+    result = fed.run_round(server_round=2)
+    assert "replayed or misrouted" in result.failed[3]
+    fed.assert_mean_of(result, [1, 2])  # t = 2 of 3: the other two still aggregate
+
+
+def test_client_never_reveals_both_secrets_of_one_node():
+    fed = Federation5(nodes=(1, 2, 3))
+
+    def both(message):
+        if message.metadata.message_type == message_type(UNMASK) and \
+                message.metadata.dst_node_id == 1:
+            message.content[UNMASK_KEY]["dropped"] = [2]  # 2 is also listed as a survivor
+        return message
+    fed.grid.on_instruction = both
+    result = fed.run_round()
+    assert "refusing to reveal both" in result.failed[1]
+    fed.assert_mean_of(result, [1, 2, 3])  # 2 and 3 hold enough shares on their own
+
+
+def test_sparse_k_regular_graph_with_dropouts_gives_the_sum():
+    nodes = tuple(range(1, 21))
+    fed = Federation5(nodes=nodes, **{"secagg-neighbours": 6, "secagg-threshold": 0.5})
+    drop_at(fed, MASKED_INPUT, {4, 9})
+    result = fed.run_round()
+    assert result.neighbours == 6 and result.threshold == 4
+    fed.assert_mean_of(result, [n for n in nodes if n not in (4, 9)])
+    setup_uploads = {n for kind, n in fed.delivered if kind == message_type(SHARE_KEYS)}
+    assert setup_uploads == set(nodes)
+
+
+@pytest.mark.parametrize("strategy", [
+    FedMedian(), FedTrimmedAvg(), Krum(), MultiKrum(), Bulyan(),
+    DifferentialPrivacyServerSideFixedClipping(FedAvg(), 1.0, 1.0, 3),
+])
+def test_strategies_that_need_individual_updates_are_refused(strategy):
+    with pytest.raises(ConfigError, match="secure-aggregation.*individual client updates"):
+        check_strategy(strategy)
+
+
+@pytest.mark.parametrize("strategy", [
+    FedAvg(), FedAvgM(), FedProx(), FedAdam(), FedYogi(),
+    DifferentialPrivacyClientSideFixedClipping(FedAvg(), 1.0, 1.0, 3),
+])
+def test_fedavg_family_accepts_the_single_secure_reply(strategy):
+    check_strategy(strategy)
+
+
+def test_per_client_top_k_and_adaptive_user_dp_are_refused():
+    for chain in ("topk:0.01", "ef,topk:0.001:global,q8", "topk:100:global"):
+        with pytest.raises(ConfigError, match="upload-codec.*top-k would lose"):
+            check_codec(chain)
+    check_codec("dense")
+    check_codec("q8:256,zlib")
+    for mode in ("client-adaptive", "server-adaptive"):
+        with pytest.raises(ConfigError, match="user-dp.*adaptive clipping counts"):
+            check_user_dp(UserLevelDPSettings.from_run_config({"user-dp": mode}))
+    check_user_dp(UserLevelDPSettings.from_run_config({"user-dp": "client-fixed"}))
+
+
+def test_privacy_reports_are_forwarded_and_a_refusing_site_counts_as_dropped():
+    fed = Federation5()
+    fed.refusing = {303}
+    result = fed.run_round()
+    fed.assert_mean_of(result, [101, 202, 404, 505])
+    assert result.refused[303].code == BUDGET_EXHAUSTED
+    assert {n: float(r["epsilon"]) for n, r in result.privacy.items()} == \
+        {n: 1.5 + n for n in fed.nodes}
+
+
+def test_user_level_dp_noise_goes_on_the_unweighted_secure_mean():
+    fed = Federation5(**{"user-dp": "client-fixed", "user-dp-noise-multiplier": 1e-4,
+                         "user-dp-clipping-norm": 1.0})
+    cfg = RunConfig(min_train_nodes=2, min_available_nodes=5, round_timeout=60)
+    strategy = wrap_with_user_level_dp(
+        FedAvg(min_available_nodes=5, min_train_nodes=5),
+        UserLevelDPSettings.from_run_config(fed.run_config), fed.grid, cfg)
+    check_strategy(strategy)
+    federation = SecureFederation(fed.grid, strategy, cfg, ["negative", "positive"], None, None,
+                                  train_config={"upload-codec": "dense"}, secagg=fed.config)
+    weights = OrderedDict((k, np.zeros(s, np.float32)) for k, s in SHAPES.items())
+    messages = list(strategy.configure_train(
+        1, wire.arrays_to_record(weights), ConfigRecord({"server-round": 1}), fed.grid))
+    decoded = federation.collect_updates(messages, weights)
+    arrays, _ = strategy.aggregate_train(1, decoded.accepted)
+    assert arrays is not None  # Flower's wrapper counted 5 replies for 5 sampled clients
+    new = np.concatenate([arrays[k].numpy().ravel() for k in SHAPES])
+    mean, _ = fed.expected_mean(fed.nodes, uniform=True)
+    weighted, _ = fed.expected_mean(fed.nodes)
+    noise_and_rounding = 1e-4 * 1.0 / 5 * 6 + 5 * fed.config.secagg_clip / 32767 / 5
+    assert np.abs(new - mean).max() < noise_and_rounding < np.abs(new - weighted).max()
+    assert strategy.privacy_spent().epsilon > 0
+
+
+@pytest.mark.parametrize("strategy_class", [FedAvg, FedAdam])
+def test_strategy_aggregates_the_one_secure_reply_as_the_weighted_mean(strategy_class):
+    fed = Federation5()
+    weights = OrderedDict((k, np.full(s, 0.5, np.float32)) for k, s in SHAPES.items())
+    strategy = strategy_class(min_available_nodes=5, min_train_nodes=5)
+    cfg = RunConfig(min_train_nodes=2, min_available_nodes=5, round_timeout=60)
+    federation = SecureFederation(fed.grid, strategy, cfg, ["negative", "positive"], None, None,
+                                  train_config={"upload-codec": "dense"}, secagg=fed.config)
+    messages = list(strategy.configure_train(
+        1, wire.arrays_to_record(weights), ConfigRecord({"server-round": 1}), fed.grid))
+    decoded = federation.collect_updates(messages, weights)
+    assert decoded.clients == 5 and len(decoded.accepted) == 1 and decoded.updates == {}
+    assert decoded.summary["secagg"]["aborted"] is None
+    assert set(decoded.bytes_up) == set(fed.nodes)
+
+    arrays, metrics = strategy.aggregate_train(1, decoded.accepted)
+    new = np.concatenate([arrays[k].numpy().ravel() for k in SHAPES])
+    old = np.concatenate([weights[k].ravel() for k in SHAPES])
+    mean, _ = fed.expected_mean(fed.nodes)
+    reply_metrics = decoded.accepted[0].content[wire.METRICS_KEY]
+    assert reply_metrics[wire.NUM_EXAMPLES] == sum(fed.examples.values())
+    assert metrics["train-loss"] == pytest.approx(0.25, abs=1e-6)
+    if strategy_class is FedAvg:
+        assert np.allclose(new, old + mean, atol=1e-4)
+    else:  # Adam's first step moves every clearly non-zero coordinate along the mean update
+        clear = np.abs(mean) > 1e-3
+        assert np.array_equal(np.sign(new - old)[clear], np.sign(mean)[clear])

@@ -120,7 +120,7 @@ def _provision(workdir: Path) -> Path:
             writer.writerow(["text", "label"])
             writer.writerows(rows[i * 40:(i + 1) * 40])
         (folder / "label_names.json").write_text('["negative", "positive"]')
-        institutions[name] = {"data-path": str(folder), "device": "cpu"}
+        institutions[name] = {"data-path": str(folder), "device": "cpu", "dp-max-epsilon": 0.0}
     spec = FederationSpec.from_mapping({"name": "restart", "superlink": f"127.0.0.1:{free_port()}",
                                         "institutions": institutions})
     provision(spec, workdir / "federation")

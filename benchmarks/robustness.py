@@ -4,6 +4,7 @@
         [--train-examples 1000] [--test-examples 400] [--model minilm]
         [--strategies fedavg fedmedian krum fedtrimmedavg]
         [--attacks none scale:100 sign-flip:10] [--with-validation]
+        [--runtime simulation|in-process]
 
 Every run uses the same seeded IID split of ``--train-examples`` SST-2 sentences over
 ``--clients`` simulated clients, the same rounds and the same evaluation (the first
@@ -15,7 +16,9 @@ server's norm check (``validation-norm-multiple``) is off, so the table compares
 aggregators alone;
 ``--with-validation`` adds FedAvg with the check on. Krum and MultiKrum are told the
 number of attackers (``num-malicious-nodes``), the trimmed mean cuts that fraction
-from each end (``beta``). Prints a markdown table.
+from each end (``beta``). ``--runtime in-process`` serves the same ServerApp and
+ClientApp code without Ray (``simulations/inprocess.py``), for a machine too busy for
+Ray to start; the aggregation and the training are the same. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from simulations.inprocess import app_run_config, run_in_process
 from simulations.run import last_round, run_federated
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +66,7 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["none", "scale:100", "sign-flip:10"])
     parser.add_argument("--with-validation", action="store_true")
     parser.add_argument("--clean-for-all", action="store_true")
+    parser.add_argument("--runtime", choices=["simulation", "in-process"], default="simulation")
     parser.add_argument("--output-dir", type=Path,
                         default=PROJECT_ROOT / "outputs" / "benchmarks" / "robustness")
     args = parser.parse_args()
@@ -95,15 +100,20 @@ def main() -> None:
                       "run-name": f"{stamp}-{attack}-{name}-validation-{validation[:2]}"}
             if validation != "off":
                 config["validation-norm-multiple"] = 10.0
-            folder = run_federated(config, args.clients,
-                                   Path(tempfile.mkdtemp(prefix="sepal-robust-")), {"num-cpus": 1})
+            if args.runtime == "simulation":
+                folder = run_federated(config, args.clients,
+                                       Path(tempfile.mkdtemp(prefix="sepal-robust-")),
+                                       {"num-cpus": 1})
+            else:
+                folder, _ = run_in_process(app_run_config(config), args.clients)
             results[(attack, name, validation)] = (last_round(folder), time.time() - started)
             record = results[(attack, name, validation)][0]
             print(f"{attack:9s} {name:14s} validation {validation:10s} accuracy "
                   f"{record['accuracy']:.4f}  ({time.time() - started:.0f} s)", flush=True)
 
     columns = [LABELS[attack].format(s=f"{factor:g}") for attack, factor in attacks]
-    print(f"\nSST-2, {args.model}, {args.clients} clients ({args.attackers} attacking), IID "
+    print(f"\nSST-2, {args.model}, {args.runtime}, {args.clients} clients "
+          f"({args.attackers} attacking), IID "
           f"{args.train_examples} train sentences, {args.rounds} rounds, lr {args.learning_rate}, "
           f"accuracy on {args.test_examples} dev sentences")
     print("| strategy | server norm check | " + " | ".join(columns) + " |")

@@ -34,7 +34,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # force: importing Opacus already configured the root logger (WARNING, its format)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     serve(grid, context)
 

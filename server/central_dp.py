@@ -91,7 +91,9 @@ class UserLevelDP(Strategy):
         self.num_sampled_clients = num_sampled_clients
         self.weighted_by_key = getattr(strategy, "weighted_by_key", wire.NUM_EXAMPLES)
         self.accountant = None
-        if isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train:
+        aggregates_by_mean = isinstance(strategy, FedAvg) and (
+            type(strategy).aggregate_train is FedAvg.aggregate_train)
+        if aggregates_by_mean:
             self.accountant = RdpAccountant(PrivacyConfig(
                 target_delta=settings.user_dp_delta, population_size=population,
                 neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -196,5 +198,7 @@ def _equal_weight(reply: Message, key: str) -> Message:
         return reply
     content = RecordDict()
     for name, record in reply.content.items():
-        content[name] = MetricRecord({**record, key: 1}) if isinstance(record, MetricRecord) else record
+        if isinstance(record, MetricRecord):
+            record = MetricRecord({**record, key: 1})
+        content[name] = record
     return Message(content=content, metadata=reply.metadata)

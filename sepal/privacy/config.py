@@ -57,7 +57,8 @@ class DPSGDSettings:
         require(0 < self.dp_delta < 1, "dp-delta",
                 f"must be in (0, 1) (and below 1/number of examples), got {self.dp_delta}")
         require(self.dp_max_grad_norm > 0, "dp-max-grad-norm",
-                f"must be > 0 (per-example gradients are clipped to it), got {self.dp_max_grad_norm}")
+                f"must be > 0 (per-example gradients are clipped to it), "
+                f"got {self.dp_max_grad_norm}")
         require(self.dp_accountant in ACCOUNTANTS, "dp-accountant",
                 f"must be one of {ACCOUNTANTS} (Opacus accountants), got {self.dp_accountant!r}")
         require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp-grad-sample-mode",
@@ -68,7 +69,8 @@ class DPSGDSettings:
         """Partition id -> site policy, from ``dp-simulated-site-policy``."""
         key = "dp-simulated-site-policy"
         policies: dict[int, SitePolicy] = {}
-        for entry in filter(None, (part.strip() for part in self.dp_simulated_site_policy.split(";"))):
+        entries = (part.strip() for part in self.dp_simulated_site_policy.split(";"))
+        for entry in filter(None, entries):
             partition, sep, settings = entry.partition(":")
             require(bool(sep) and partition.strip().isdigit(), key,
                     f"entry {entry!r} must look like 'PARTITION-ID: key=value key=value'")

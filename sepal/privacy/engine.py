@@ -85,26 +85,24 @@ class ClientPrivacy:
         try:
             run = DPSGDSettings.from_run_config(context.run_config)
             policy = EffectivePrivacy.combine(run, site_policy(context.node_config, run))
+            if policy is None:
+                return None
+            plan = LocalPlan(num_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds)
+            if STATE_KEY in context.state:
+                privacy = cls.from_record(policy, plan, context.state[STATE_KEY])
+            else:
+                privacy = cls.calibrated(policy, plan)
         except ConfigError as err:
             raise PrivacyRefusal(Refusal(INVALID_SETTING, str(err))) from err
-        if policy is None:
-            return None
-        plan = LocalPlan(num_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds)
-        if STATE_KEY in context.state:
-            privacy = cls.from_record(policy, plan, context.state[STATE_KEY])
-        else:
-            privacy = cls.calibrated(policy, plan)
         privacy.check_budget()
         return privacy
 
     @classmethod
     def calibrated(cls, policy: EffectivePrivacy, plan: LocalPlan) -> ClientPrivacy:
-        """Start of the run: the noise multiplier for the whole planned run."""
-        try:
-            sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan, policy.accountant,
-                                    where="this site's")
-        except ConfigError as err:
-            raise PrivacyRefusal(Refusal(INVALID_SETTING, str(err))) from err
+        """Start of the run: the noise multiplier for the whole planned run (raises
+        ConfigError naming the setting that makes it impossible on this site)."""
+        sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan, policy.accountant,
+                                where="this site's")
         return cls(policy, plan, max(sigma, policy.min_noise_multiplier))
 
     @classmethod
@@ -114,8 +112,9 @@ class ClientPrivacy:
             raise ConfigError(
                 f"run config 'dp-accountant' is {policy.accountant!r} but this node's saved "
                 f"privacy state was accounted with {record.get('accountant')!r}")
-        return cls(policy, plan, float(record["noise-multiplier"]),
-                   json.loads(str(record["history"])))
+        # a site that raised its noise floor mid-run gets it from the next round on
+        sigma = max(float(record["noise-multiplier"]), policy.min_noise_multiplier)
+        return cls(policy, plan, sigma, json.loads(str(record["history"])))
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({

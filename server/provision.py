@@ -7,7 +7,7 @@ institutions (see README, "Deployment across institutions")::
     superlink = "fl.example.org:9093"          # host:port every SuperNode dials
     hosts = ["10.0.0.5"]                       # more DNS names / IPs for the certificate
     [node-defaults]                            # node config every institution starts from
-    max-epsilon = 8.0
+    dp-max-epsilon = 8.0
     [institutions.hospital-a]                  # one table per institution (may be empty)
     data-path = "/srv/sepal/data"
 
@@ -49,14 +49,14 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 DEFAULT_NODE_CONFIG: dict[str, Any] = {
     "data-path": "",
     "device": "auto",
-    "max-epsilon": 8.0,
-    "delta": 1e-5,
+    "dp-max-epsilon": 8.0,
+    "dp-delta": 1e-5,
 }
 NODE_CONFIG_COMMENTS = {
     "data-path": "folder with this institution's train.csv / test.csv and label_names.json",
     "device": "auto, cpu or cuda[:N]",
-    "max-epsilon": "this site's privacy budget: the most epsilon it will ever spend",
-    "delta": "the delta of that (epsilon, delta) budget",
+    "dp-max-epsilon": "this site's privacy budget: the most epsilon it spends in one run",
+    "dp-delta": "the delta of that (epsilon, delta) budget",
 }
 AUTH_KEY = "supernode-auth.key"
 AUTH_PUB = "supernode-auth.pub"

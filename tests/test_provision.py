@@ -24,7 +24,7 @@ superlink = "fl.example.org:9093"
 hosts = ["10.0.0.5", "fl-backup.example.org"]
 
 [node-defaults]
-max-epsilon = 4.0
+dp-max-epsilon = 4.0
 
 [institutions.hospital-a]
 data-path = "/srv/sepal/data"
@@ -92,8 +92,8 @@ def test_each_institution_gets_its_node_config_and_exact_command(tmp_path):
     fed, _ = _provisioned(tmp_path)
     folder = fed / "institutions" / "hospital-a"
     config = parse_config_args([str(folder / "node-config.toml")])  # how flower-supernode reads it
-    assert config == {"data-path": "/srv/sepal/data", "device": "auto", "max-epsilon": 4.0,
-                      "delta": 1e-5}
+    assert config == {"data-path": "/srv/sepal/data", "device": "auto", "dp-max-epsilon": 4.0,
+                      "dp-delta": 1e-5}
     assert parse_config_args([str(fed / "institutions/clinic-b/node-config.toml")])["device"] \
         == "cuda:0"
 
@@ -174,8 +174,8 @@ def test_a_private_key_is_never_overwritten(tmp_path):
     ('name = "f"\nsuperlink = "h:1"\n[institutions."Bad Name"]\n', "institutions.Bad Name"),
     ('name = "f"\nsuperlink = "h:1"\nport = 3\n[institutions.x]\n', "'port' is not a known key"),
     ('name = "f"\nsuperlink = "h:1"\ncert-days = 0\n[institutions.x]\n', "'cert-days'"),
-    ('name = "f"\nsuperlink = "h:1"\n[institutions.x]\nmax-epsilon = [1]\n',
-     "institutions.x.max-epsilon"),
+    ('name = "f"\nsuperlink = "h:1"\n[institutions.x]\ndp-max-epsilon = [1]\n',
+     "institutions.x.dp-max-epsilon"),
 ])
 def test_bad_descriptions_name_the_key(tmp_path, text, key):
     path = tmp_path / "federation.toml"

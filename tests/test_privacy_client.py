@@ -34,6 +34,7 @@ from sepal.privacy import (
     DPSGDSettings,
     EffectivePrivacy,
     LocalPlan,
+    PrivacyRefusal,
     SitePolicy,
     UserLevelDPSettings,
     check_run_settings,
@@ -208,6 +209,24 @@ def test_a_site_can_force_dp_and_only_tighten():
     assert ClientPrivacy.from_record(stricter, plan, privacy.to_record()).noise_multiplier == 12.0
 
 
+def test_a_restarted_supernode_continues_from_its_state_dir(tmp_path):
+    """``dp-state-dir``: a fresh context.state (SuperNode restarted mid-run) picks up the
+    accountant the site wrote to disk instead of counting from zero."""
+    cfg = RunConfig.from_mapping(RUN)
+    node_config = {**NODE, "dp-state-dir": str(tmp_path / "privacy")}
+    first = ClientPrivacy.for_node(client_context(node_config), cfg, 80)
+    for _ in range(5):
+        first.accountant.step(noise_multiplier=first.noise_multiplier, sample_rate=0.2)
+    first.save(client_context(node_config))
+    assert (tmp_path / "privacy" / "run-1.json").exists()
+
+    restarted = ClientPrivacy.for_node(client_context(node_config), cfg, 80)
+    assert restarted.steps_taken == 5 and restarted.noise_multiplier == first.noise_multiplier
+    (tmp_path / "privacy" / "run-1.json").write_text("{not json")
+    with pytest.raises(PrivacyRefusal, match="'dp-state-dir'"):
+        ClientPrivacy.for_node(client_context(node_config), cfg, 80)
+
+
 @pytest.mark.parametrize("run_config, node_config, key", [
     ({"dp-target-epsilon": 0.0}, {}, "'dp-target-epsilon'"),
     ({"dp-target-epsilon": -1.0}, {}, "'dp-target-epsilon'"),
@@ -222,6 +241,7 @@ def test_a_site_can_force_dp_and_only_tighten():
     ({}, {"dp-max-epsilon": -1.0}, "node config 'dp-max-epsilon'"),
     ({}, {"dp-delta": 2.0}, "node config 'dp-delta'"),
     ({}, {"dp-max-epsilom": 1.0}, "'dp-max-epsilom'"),
+    ({}, {"max-epsilon": 1.0}, "['max-epsilon'] not privacy policy keys"),
 ])
 def test_impossible_settings_name_the_setting(run_config, node_config, key):
     with pytest.raises(ConfigError) as err:

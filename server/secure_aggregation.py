@@ -1,7 +1,8 @@
 """Server side of SecAgg+: learn the sum of the round's updates and nothing else.
 
 Each sampled client i holds an update x_i (flattened, local - global) and a count
-of examples n_i. With weight r_i = min(n_i, W) / W, clip c and the fixed point of
+of examples n_i. With weight r_i = w_i / W (w_i = min(n_i, W), or W for every
+client under user-level DP), clip c and the fixed point of
 ``sepal.secagg.fixedpoint``, client i uploads only
 
     y_i = Q(r_i * clip(x_i)) + PRG(s_i) + sum_{j in N(i)} sign(i, j) * PRG(k_ij)  (mod 2^b)
@@ -12,16 +13,17 @@ For the set S of clients whose masked input arrived, the server collects Shamir
 shares to rebuild s_i for i in S and the mask key of every neighbour that dropped
 after sharing keys, and obtains
 
-    sum_{i in S} Q(r_i * clip(x_i))   and   sum_{i in S} min(n_i, W)
+    sum_{i in S} Q(r_i * clip(x_i))   and   sum_{i in S} w_i
 
 from which the strategy gets ONE reply, shaped as Flower's strategies expect:
 
     arrays = global + (sum_i r_i x_i) / (sum_i r_i),   num-examples = sum_i n_i
 
 so FedAvg, FedAvgM, FedProx, FedAdam, FedYogi (and any wrapper that acts on the
-aggregate, such as central-DP noise) aggregate the unmasked mean unchanged.
-Strategies that need the individual updates (median, trimmed mean, Krum,
-MultiKrum, Bulyan, q-FedAvg, server-side DP clipping) are refused at start-up.
+aggregate, such as central-DP noise, which counts the reply as its ``secagg-clients``
+contributors) aggregate the unmasked mean unchanged. Strategies that need the
+individual updates (median, trimmed mean, Krum, MultiKrum, Bulyan, q-FedAvg,
+server-side DP clipping) and adaptive user-level DP are refused at start-up.
 
 Clients that fail, time out or send a malformed, replayed or unauthenticated
 message are dropped and logged; if fewer than t clients remain at any stage, or a

@@ -12,7 +12,8 @@ the server reads it back as a signed number.
 Weights follow Flower's SecAgg+: r = min(examples, W) / W for a configured W
 (``secagg-max-examples``), so weighting costs no extra bits; the server divides
 the weighted sum by the securely summed weight. The price: a client's rounding
-error relative to its contribution grows as 1 / r.
+error relative to its contribution grows as 1 / r. (Under user-level DP every
+client uses r = 1.)
 """
 
 from __future__ import annotations

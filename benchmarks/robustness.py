@@ -1,7 +1,8 @@
 """SST-2 accuracy of FedAvg vs robust aggregators when some clients poison their updates.
 
-    python -m benchmarks.robustness [--clients 10] [--attackers 2] [--rounds 3]
-        [--train-examples 1000] [--test-examples 400] [--model minilm]
+    python -m benchmarks.robustness [--clients 10] [--attackers 2] [--rounds 2]
+        [--local-epochs 2] [--learning-rate 2e-4] [--train-examples 1000]
+        [--test-examples 300] [--model minilm]
         [--strategies fedavg fedmedian krum fedtrimmedavg]
         [--attacks none scale:100 sign-flip:10] [--with-validation]
         [--runtime simulation|in-process]
@@ -55,11 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--attackers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--train-examples", type=int, default=1000)
-    parser.add_argument("--test-examples", type=int, default=400)
+    parser.add_argument("--test-examples", type=int, default=300)
     parser.add_argument("--max-seq-length", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--strategies", nargs="+",
                         default=["fedavg", "fedmedian", "krum", "fedtrimmedavg"])
@@ -75,7 +77,8 @@ def main() -> None:
     base = {
         "model": args.model, "dataset": str(SST2.resolve()), "test-split": "dev",
         "max-train-examples": args.train_examples, "max-test-examples": args.test_examples,
-        "num-server-rounds": args.rounds, "learning-rate": args.learning_rate,
+        "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
+        "learning-rate": args.learning_rate,
         "batch-size": 16, "max-seq-length": args.max_seq_length, "partitioner": "iid",
         "min-train-nodes": args.clients, "min-available-nodes": args.clients,
         "validation-norm-multiple": 0.0,
@@ -114,7 +117,8 @@ def main() -> None:
     columns = [LABELS[attack].format(s=f"{factor:g}") for attack, factor in attacks]
     print(f"\nSST-2, {args.model}, {args.runtime}, {args.clients} clients "
           f"({args.attackers} attacking), IID "
-          f"{args.train_examples} train sentences, {args.rounds} rounds, lr {args.learning_rate}, "
+          f"{args.train_examples} train sentences, {args.rounds} rounds x {args.local_epochs} "
+          f"local epochs, lr {args.learning_rate}, "
           f"accuracy on {args.test_examples} dev sentences")
     print("| strategy | server norm check | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))

@@ -41,10 +41,10 @@ SETTINGS = OrderedDict([
     ("dense fp32", "dense"),
     ("8-bit", "q8"),
     ("4-bit", "q4"),
-    ("top-1% + 8-bit, EF", "topk:0.01,ef,q8"),
-    ("top-1% + 4-bit, EF, zlib", "topk:0.01,ef,q4,zlib"),
-    ("top-0.1% + 4-bit, EF", "topk:0.001,ef,q4"),
-    ("top-0.1% global + 4-bit, EF", "topk:0.001:global,ef,q4"),
+    ("top-1% per tensor + 8-bit, EF", "topk:0.01:tensor,ef,q8"),
+    ("top-1% per tensor + 4-bit, EF, zlib", "topk:0.01:tensor,ef,q4,zlib"),
+    ("top-0.1% per tensor + 4-bit, EF", "topk:0.001:tensor,ef,q4"),
+    ("top-0.1% global + 4-bit, EF", "topk:0.001,ef,q4"),
 ])
 
 

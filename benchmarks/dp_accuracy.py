@@ -2,6 +2,7 @@
 
     python -m benchmarks.dp_accuracy [--clients 10] [--rounds 3] [--train-examples 2000]
                                      [--epsilon 8] [--delta 1e-5] [--model minilm]
+                                     [--cpus-per-client 1]
 
 Two federated runs on Flower's simulation engine with identical settings (Dirichlet
 alpha=0.5 shares of the first ``--train-examples`` SST-2 training sentences, evaluated on
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "outputs")
+    parser.add_argument("--cpus-per-client", type=int, default=1,
+                        help="Ray CPUs per virtual client (2 on 2 cores: one client at a time)")
     args = parser.parse_args(argv)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         folder = run_federated({**common, **extra, "run-name": name}, args.clients,
                                Path(tempfile.mkdtemp(prefix="sepal-dp-acc-")),
-                               {"num-cpus": 1}, timeout=6 * 3600)
+                               {"num-cpus": args.cpus_per_client}, timeout=6 * 3600)
         last = read_metrics(folder)[-1]
         epsilons = list(last.get("epsilon_per_client", {}).values())
         rows.append((label, last, max(epsilons) if epsilons else None,

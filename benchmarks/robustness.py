@@ -1,18 +1,24 @@
 """SST-2 accuracy of FedAvg vs robust aggregators when some clients poison their updates.
 
-    python -m benchmarks.robustness [--clients 10] [--attackers 2] [--scale 10] [--rounds 3]
+    python -m benchmarks.robustness [--clients 10] [--attackers 2] [--rounds 3]
         [--train-examples 1000] [--test-examples 400] [--model minilm]
-        [--strategies fedavg fedmedian krum fedtrimmedavg] [--attacks scale sign-flip]
+        [--strategies fedavg fedmedian krum fedtrimmedavg]
+        [--attacks none scale:100 sign-flip:10] [--with-validation]
+        [--runtime simulation|in-process]
 
 Every run uses the same seeded IID split of ``--train-examples`` SST-2 sentences over
 ``--clients`` simulated clients, the same rounds and the same evaluation (the first
 ``--test-examples`` of the dev set, seeded). Partitions ``0 .. attackers-1`` switch on
-the test-only attack (``test-attack``): ``scale`` uploads ``scale x update``,
-``sign-flip`` uploads ``-scale x update``. The server's norm check
-(``validation-norm-multiple``) is off, so the table compares the aggregators alone;
+the test-only attack (``test-attack``): ``scale:S`` uploads ``S x update`` (a boosted
+update), ``sign-flip:S`` uploads ``-S x update``; ``none`` is the clean baseline, run
+for FedAvg only (``--clean-for-all`` runs it for every strategy). The
+server's norm check (``validation-norm-multiple``) is off, so the table compares the
+aggregators alone;
 ``--with-validation`` adds FedAvg with the check on. Krum and MultiKrum are told the
 number of attackers (``num-malicious-nodes``), the trimmed mean cuts that fraction
-from each end (``beta``). Prints a markdown table.
+from each end (``beta``). ``--runtime in-process`` serves the same ServerApp and
+ClientApp code without Ray (``simulations/inprocess.py``), for a machine too busy for
+Ray to start; the aggregation and the training are the same. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -22,11 +28,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from simulations.inprocess import app_run_config, run_in_process
 from simulations.run import last_round, run_federated
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SST2 = PROJECT_ROOT.parent / "shared" / "data" / "sst2"
 LABELS = {"scale": "scaled x{s}", "sign-flip": "sign-flipped x-{s}", "none": "no attack"}
+
+
+def parse_attack(spec: str) -> tuple[str, float]:
+    mode, _, factor = spec.partition(":")
+    if mode not in LABELS or (mode == "none") != (factor == ""):
+        raise SystemExit(f"--attacks: {spec!r} must be 'none', 'scale:S' or 'sign-flip:S'")
+    return mode, float(factor or 1.0)
 
 
 def strategy_params(name: str, clients: int, attackers: int) -> str:
@@ -41,7 +55,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--attackers", type=int, default=2)
-    parser.add_argument("--scale", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-examples", type=int, default=1000)
     parser.add_argument("--test-examples", type=int, default=400)
@@ -50,9 +63,10 @@ def main() -> None:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--strategies", nargs="+",
                         default=["fedavg", "fedmedian", "krum", "fedtrimmedavg"])
-    parser.add_argument("--attacks", nargs="+", default=["scale", "sign-flip"],
-                        choices=["none", "scale", "sign-flip"])
+    parser.add_argument("--attacks", nargs="+", default=["none", "scale:100", "sign-flip:10"])
     parser.add_argument("--with-validation", action="store_true")
+    parser.add_argument("--clean-for-all", action="store_true")
+    parser.add_argument("--runtime", choices=["simulation", "in-process"], default="simulation")
     parser.add_argument("--output-dir", type=Path,
                         default=PROJECT_ROOT / "outputs" / "benchmarks" / "robustness")
     args = parser.parse_args()
@@ -64,40 +78,52 @@ def main() -> None:
         "num-server-rounds": args.rounds, "learning-rate": args.learning_rate,
         "batch-size": 16, "max-seq-length": args.max_seq_length, "partitioner": "iid",
         "min-train-nodes": args.clients, "min-available-nodes": args.clients,
-        "test-attack-scale": args.scale, "validation-norm-multiple": 0.0,
+        "validation-norm-multiple": 0.0,
         "checkpoint-keep": 0, "output-dir": str(args.output_dir), "seed": 42,
     }
     settings = [(name, "off") for name in args.strategies]
     if args.with_validation:
         settings.append(("fedavg", "10x median"))
     results: dict[tuple[str, str, str], tuple[dict, float]] = {}
-    for attack in args.attacks:
+    attacks = [parse_attack(spec) for spec in args.attacks]
+    for attack, factor in attacks:
         spec = "" if attack == "none" else ",".join(
             f"{p}:{attack}" for p in range(args.attackers))
         for name, validation in settings:
+            if attack == "none" and (name, validation) != ("fedavg", "off") and \
+                    not args.clean_for_all:
+                continue
             started = time.time()
             config = {**base, "strategy": name,
                       "strategy-params": strategy_params(name, args.clients, args.attackers),
-                      "test-attack": spec,
+                      "test-attack": spec, "test-attack-scale": factor,
                       "run-name": f"{stamp}-{attack}-{name}-validation-{validation[:2]}"}
             if validation != "off":
                 config["validation-norm-multiple"] = 10.0
-            folder = run_federated(config, args.clients,
-                                   Path(tempfile.mkdtemp(prefix="sepal-robust-")), {"num-cpus": 1})
+            if args.runtime == "simulation":
+                folder = run_federated(config, args.clients,
+                                       Path(tempfile.mkdtemp(prefix="sepal-robust-")),
+                                       {"num-cpus": 1})
+            else:
+                folder, _ = run_in_process(app_run_config(config), args.clients)
             results[(attack, name, validation)] = (last_round(folder), time.time() - started)
             record = results[(attack, name, validation)][0]
             print(f"{attack:9s} {name:14s} validation {validation:10s} accuracy "
                   f"{record['accuracy']:.4f}  ({time.time() - started:.0f} s)", flush=True)
 
-    columns = [LABELS[a].format(s=f"{args.scale:g}") for a in args.attacks]
-    print(f"\nSST-2, {args.model}, {args.clients} clients ({args.attackers} attacking), IID "
+    columns = [LABELS[attack].format(s=f"{factor:g}") for attack, factor in attacks]
+    print(f"\nSST-2, {args.model}, {args.runtime}, {args.clients} clients "
+          f"({args.attackers} attacking), IID "
           f"{args.train_examples} train sentences, {args.rounds} rounds, lr {args.learning_rate}, "
           f"accuracy on {args.test_examples} dev sentences")
     print("| strategy | server norm check | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for name, validation in settings:
         cells = []
-        for attack in args.attacks:
+        for attack, _ in attacks:
+            if (attack, name, validation) not in results:
+                cells.append("-")
+                continue
             record, _ = results[(attack, name, validation)]
             rejected = f", {record['rejected']} rejected" if record.get("rejected") else ""
             cells.append(f"{record['accuracy']:.4f}{rejected}")

@@ -26,10 +26,12 @@ from flwr.clientapp import ClientApp
 
 from sepal import wire
 from sepal.codecs import decode_upload
+from sepal.codecs.downlink import DOWNLOAD_KEY, REFERENCE_KEY
+from sepal.privacy import UserLevelDPSettings
 from sepal.secagg import envelope, graph, shamir
 from sepal.secagg.config import SecAggConfig
 from sepal.secagg.errors import SecAggError
-from sepal.secagg.fixedpoint import SCALARS, FixedPoint, encode_scalars, sum_bits, weight_of
+from sepal.secagg.fixedpoint import SCALARS, FixedPoint, encode_scalars, sum_bits
 from sepal.secagg.keys import KeyPair, agree, check_public_key, derive
 from sepal.secagg.masks import VectorMasks
 from sepal.secagg.packing import pack
@@ -159,7 +161,15 @@ def masked_input(msg: Message, context: Context, train: TrainHandler) -> Message
         seed_shares.append(seed_share)
         key_shares.append(key_share)
 
-    values, scalars = _encoded_update(msg, context, train, state["sum-bits"])
+    reply = train(msg, context)
+    if reply.has_error():
+        raise SecAggError(f"local training failed: {reply.error.reason}")
+    privacy = {key: reply.content[key] for key in (wire.PRIVACY_KEY, wire.REFUSAL_KEY)
+               if key in reply.content}
+    if wire.REFUSAL_KEY in reply.content:  # the site's privacy budget: no input this round
+        state["stage"] = MASKED_INPUT
+        return _reply(msg, tag, MASKED_INPUT, privacy)
+    values, scalars = _encoded_update(msg, context, reply, state["sum-bits"])
     masks = VectorMasks(values.size, state["sum-bits"], len(SCALARS))
     masks.add(values, scalars, derive(state["seed"], SELF_MASK, tag.context))
     for sender in senders:  # every sender the server forwarded, as the server will assume
@@ -173,7 +183,7 @@ def masked_input(msg: Message, context: Context, train: TrainHandler) -> Message
     state.update({"stage": MASKED_INPUT, "masked-with": senders, "share-owners": owners,
                   "seed-shares": seed_shares, "key-shares": key_shares})
     masked = ArrayRecord({"values": _array(pack(values, fixed_bits)), "scalars": _array(scalars)})
-    return _reply(msg, tag, MASKED_INPUT, {MASKED_KEY: masked,
+    return _reply(msg, tag, MASKED_INPUT, {MASKED_KEY: masked, **privacy,
                                            REPORT_KEY: ConfigRecord({"bad-senders": bad})})
 
 
@@ -246,36 +256,49 @@ def _check_neighbourhood(state, context, nodes, envelope_keys, mask_keys, thresh
                           f"this run's floor {floor} (secagg-threshold {fraction}) or above it")
 
 
-def _encoded_update(msg: Message, context: Context, train: TrainHandler,
+def _encoded_update(msg: Message, context: Context, reply: Message,
                     bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Run the train handler; its update clipped, weighted and quantized in Z_(2^b), and the
-    scalars (examples, weighted loss and accuracy, clipped count) in Z_(2^64)."""
-    reply = train(msg, context)
-    if reply.has_error():
-        raise SecAggError(f"local training failed: {reply.error.reason}")
-    update, metrics = _decoded_update(msg, reply)
+    """The train handler's update clipped, weighted and quantized in Z_(2^b), and the
+    scalars (examples, weight, weighted loss and accuracy, clipped count) in Z_(2^64).
+
+    The weight is min(examples, W) / W, or 1 for every client under user-level DP,
+    whose noise is calibrated to an unweighted mean of clipped updates.
+    """
+    update, metrics = _decoded_update(msg, context, reply)
     cfg = SecAggConfig.from_mapping(context.run_config)
     examples = int(metrics[wire.NUM_EXAMPLES])
+    cap = cfg.secagg_max_examples
+    if UserLevelDPSettings.from_run_config(context.run_config).enabled:
+        weight_units = cap
+    else:
+        weight_units = min(examples, cap)
+        if examples > cap:
+            log.info("secure aggregation: %d examples weigh as secagg-max-examples = %d",
+                     examples, cap)
     fixed = FixedPoint(cfg.secagg_clip, cfg.secagg_value_bits, bits)
-    values, clipped = fixed.encode(update, weight_of(examples, cfg.secagg_max_examples),
-                                   np.random.default_rng())
+    values, clipped = fixed.encode(update, weight_units / cap, np.random.default_rng())
     if clipped:
         log.info("secure aggregation: %d of %d update values clipped to +-%g", clipped,
-                 update.size, cfg.secagg_clip)
-    scalars = encode_scalars(examples, cfg.secagg_max_examples,
+                 values.size, cfg.secagg_clip)
+    scalars = encode_scalars(examples, weight_units,
                              float(metrics.get("train-loss", float("nan"))),
                              float(metrics.get("train-accuracy", float("nan"))), clipped)
     return values, scalars
 
 
-def _decoded_update(msg: Message, reply: Message) -> tuple[np.ndarray, object]:
-    arrays = msg.content[wire.ARRAYS_KEY]
-    shapes = {name: tuple(array.shape) for name, array in arrays.items()}
+def _decoded_update(msg: Message, context: Context,
+                    reply: Message) -> tuple[list[np.ndarray], object]:
+    """The update's tensors in the order of the global model's, and the reply's metrics."""
+    # with a compressed downlink the model is the reference the train handler rebuilt
+    model = context.state[REFERENCE_KEY] if DOWNLOAD_KEY in msg.content \
+        else msg.content[wire.ARRAYS_KEY]
+    shapes = {name: tuple(array.shape) for name, array in model.items()}
     update = decode_upload(reply.content[wire.UPDATE_KEY], reply.content[wire.CODEC_KEY], shapes)
-    flat = np.concatenate([np.asarray(update[name], dtype=np.float32).ravel() for name in shapes])
-    if not np.isfinite(flat).all():
-        raise SecAggError("the local update holds NaN or Inf; not taking part in this round")
-    return flat, reply.content[wire.METRICS_KEY]
+    for name, tensor in update.items():
+        if not np.isfinite(tensor).all():
+            raise SecAggError(f"the local update of '{name}' holds NaN or Inf; not taking part "
+                              "in this round")
+    return [update[name] for name in shapes], reply.content[wire.METRICS_KEY]
 
 
 def _split_plaintext(plain: bytes) -> tuple[bytes, bytes]:

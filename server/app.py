@@ -44,6 +44,7 @@ def main(grid: Grid, context: Context) -> None:
 def serve(grid: Grid, context: Context) -> Path:
     """Everything the ServerApp does for one run; returns the run's output folder."""
     cfg = RunConfig.from_mapping(context.run_config)
+    compression = CompressionConfig.from_mapping(context.run_config)
     train_split = centralized_train_split(cfg)
     label_names = train_split.label_names
     check_run_settings(DPSGDSettings.from_run_config(context.run_config), cfg, len(train_split))
@@ -69,12 +70,12 @@ def serve(grid: Grid, context: Context) -> Path:
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
     checkpoints, resume_from = open_checkpoints(
         CheckpointConfig.from_mapping(context.run_config), cfg, run_name, context.run_config)
-    output = RunOutput(Path(cfg.output_dir) / run_name, dataclasses.asdict(cfg))
+    output = RunOutput(Path(cfg.output_dir) / run_name,
+                       {**dataclasses.asdict(cfg), **dataclasses.asdict(compression)})
     log.info("run outputs in %s", output.folder.resolve())
 
     initial = get_weights(lora.apply(build_model(cfg.model, label_names, cfg.seed)))
     evaluator = ServerEvaluator(cfg, label_names, lora)
-    compression = CompressionConfig.from_mapping(context.run_config)
     federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
                                  train_config={"upload-codec": compression.upload_codec},
                                  downlink=downlink_for(compression),

@@ -91,7 +91,9 @@ class UserLevelDP(Strategy):
         self.num_sampled_clients = num_sampled_clients
         self.weighted_by_key = getattr(strategy, "weighted_by_key", wire.NUM_EXAMPLES)
         self.accountant = None
-        if isinstance(strategy, FedAvg) and type(strategy).aggregate_train is FedAvg.aggregate_train:
+        aggregates_by_mean = isinstance(strategy, FedAvg) and (
+            type(strategy).aggregate_train is FedAvg.aggregate_train)
+        if aggregates_by_mean:
             self.accountant = RdpAccountant(PrivacyConfig(
                 target_delta=settings.user_dp_delta, population_size=population,
                 neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -130,7 +132,8 @@ class UserLevelDP(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = [_equal_weight(reply, self.weighted_by_key) for reply in replies]
+        replies = [_equal_weight(reply, self.weighted_by_key)
+                   for reply in replies for _ in range(_contributors(reply))]
         arrays, metrics = self.wrapped.aggregate_train(server_round, replies)
         if arrays is not None and self.settings.adaptive and self.accountant is not None:
             self.accountant.compose(GaussianPrivacyEvent(
@@ -180,11 +183,22 @@ def wrap_with_user_level_dp(strategy: Strategy, settings: UserLevelDPSettings, g
     return UserLevelDP(strategy, settings, num_sampled, population)
 
 
+def _contributors(reply: Message) -> int:
+    """Clients behind a reply: one, or ``secagg-clients`` for secure aggregation's single
+    reply, which carries their (unweighted) mean. Flower's wrappers count replies, so it
+    stands in that many times; the mean of identical replies is that mean."""
+    if reply.has_error() or wire.METRICS_KEY not in reply.content:
+        return 1
+    return int(reply.content[wire.METRICS_KEY].get("secagg-clients", 1))
+
+
 def _equal_weight(reply: Message, key: str) -> Message:
     """``reply`` with its aggregation weight set to 1 (a copy; the original is kept)."""
     if reply.has_error():
         return reply
     content = RecordDict()
     for name, record in reply.content.items():
-        content[name] = MetricRecord({**record, key: 1}) if isinstance(record, MetricRecord) else record
+        if isinstance(record, MetricRecord):
+            record = MetricRecord({**record, key: 1})
+        content[name] = record
     return Message(content=content, metadata=reply.metadata)

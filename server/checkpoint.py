@@ -155,6 +155,11 @@ def open_checkpoints(settings: CheckpointConfig, cfg: RunConfig, run_name: str,
     checkpoint to continue from (None when the run has not completed a round yet)."""
     require(bool(cfg.run_name) or not settings.resume, "resume",
             "needs 'run-name': the name of the run to continue")
+    require(not (settings.resume and run_config.get("dp-sgd") is True), "resume",
+            "cannot continue a DP-SGD run: each client's privacy accountant lives in the "
+            "Flower run's context.state, which a resumed run (a new Flower run) starts "
+            "empty, so ε would be counted from zero again; start a new run with the "
+            "remaining budget instead")
     if settings.checkpoint_keep == 0:
         return None, None
     checkpoints = Checkpointer(settings.folder(cfg.output_dir, run_name),

@@ -101,7 +101,7 @@ class Federation:
                   started: float) -> OrderedDict[str, np.ndarray]:
         round_start = time.time()
         config = ConfigRecord({**self.train_config, "label-names": self.label_names})
-        random.seed(self.cfg.seed * 1_000_003 + server_round)
+        self._seed_node_sampling(server_round, "train")
         messages = list(self.strategy.configure_train(
             server_round, wire.arrays_to_record(weights), config, _SortedNodeIds(self.grid)))
         dense_down = wire.serialized_size(messages[0].content) if messages else 0
@@ -171,6 +171,10 @@ class Federation:
                              if message_id not in answered]
         return decoded
 
+    def _seed_node_sampling(self, server_round: int, stage: str) -> None:
+        """Flower samples nodes with the global ``random`` (see the module docstring)."""
+        random.seed(f"{self.cfg.seed}-{server_round}-{stage}")
+
     def _evaluate(self, weights) -> dict[str, float]:
         stats = self.evaluator(weights)
         return {"accuracy": stats.accuracy, "macro_f1": stats.macro_f1, "loss": stats.loss}
@@ -179,6 +183,7 @@ class Federation:
         if self.cfg.fraction_evaluate <= 0:
             return {}
         config = ConfigRecord({"label-names": self.label_names})
+        self._seed_node_sampling(server_round, "evaluate")
         messages = self.strategy.configure_evaluate(server_round, wire.arrays_to_record(weights), config,
                                                     _SortedNodeIds(self.grid))
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))

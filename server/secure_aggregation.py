@@ -1,7 +1,8 @@
 """Server side of SecAgg+: learn the sum of the round's updates and nothing else.
 
 Each sampled client i holds an update x_i (flattened, local - global) and a count
-of examples n_i. With weight r_i = min(n_i, W) / W, clip c and the fixed point of
+of examples n_i. With weight r_i = w_i / W (w_i = min(n_i, W), or W for every
+client under user-level DP), clip c and the fixed point of
 ``sepal.secagg.fixedpoint``, client i uploads only
 
     y_i = Q(r_i * clip(x_i)) + PRG(s_i) + sum_{j in N(i)} sign(i, j) * PRG(k_ij)  (mod 2^b)
@@ -12,16 +13,17 @@ For the set S of clients whose masked input arrived, the server collects Shamir
 shares to rebuild s_i for i in S and the mask key of every neighbour that dropped
 after sharing keys, and obtains
 
-    sum_{i in S} Q(r_i * clip(x_i))   and   sum_{i in S} min(n_i, W)
+    sum_{i in S} Q(r_i * clip(x_i))   and   sum_{i in S} w_i
 
 from which the strategy gets ONE reply, shaped as Flower's strategies expect:
 
     arrays = global + (sum_i r_i x_i) / (sum_i r_i),   num-examples = sum_i n_i
 
 so FedAvg, FedAvgM, FedProx, FedAdam, FedYogi (and any wrapper that acts on the
-aggregate, such as central-DP noise) aggregate the unmasked mean unchanged.
-Strategies that need the individual updates (median, trimmed mean, Krum,
-MultiKrum, Bulyan, q-FedAvg, server-side DP clipping) are refused at start-up.
+aggregate, such as central-DP noise, which counts the reply as its ``secagg-clients``
+contributors) aggregate the unmasked mean unchanged. Strategies that need the
+individual updates (median, trimmed mean, Krum, MultiKrum, Bulyan, q-FedAvg,
+server-side DP clipping) and adaptive user-level DP are refused at start-up.
 
 Clients that fail, time out or send a malformed, replayed or unauthenticated
 message are dropped and logged; if fewer than t clients remain at any stage, or a
@@ -55,14 +57,17 @@ from flwr.serverapp.strategy import (
 )
 
 from sepal import wire
+from sepal.codecs import parse_chain
 from sepal.config import ConfigError
+from sepal.privacy import UserLevelDPSettings
+from sepal.privacy.refusal import Refusal, read_reply_privacy
 from sepal.secagg import graph, shamir
 from sepal.secagg.config import SecAggConfig
 from sepal.secagg.errors import RoundAborted, SecAggError
 from sepal.secagg.fixedpoint import SCALARS, FixedPoint, decode_scalars
 from sepal.secagg.keys import agree, check_public_key, derive, public_key_of
 from sepal.secagg.masks import VectorMasks
-from sepal.secagg.packing import packed_size, unpack
+from sepal.secagg.packing import add_packed, packed_size
 from sepal.secagg.protocol import (
     HEADER_KEY,
     KEYS_KEY,
@@ -98,8 +103,8 @@ def check_strategy(strategy: Strategy) -> None:
     """Refuse a strategy that cannot aggregate one pre-summed reply.
 
     A strategy (or a plug-in) may declare ``secure_aggregation_compatible``; otherwise
-    wrappers are unwrapped through ``.strategy`` and the innermost must be FedAvg-shaped
-    (a weighted mean of ``arrays``) and not one of ``NEEDS_INDIVIDUAL_UPDATES``.
+    wrappers are unwrapped through ``.strategy`` / ``.wrapped`` and the innermost must be
+    FedAvg-shaped (a weighted mean of ``arrays``) and not one of ``NEEDS_INDIVIDUAL_UPDATES``.
     """
     current: Any = strategy
     while True:
@@ -110,7 +115,7 @@ def check_strategy(strategy: Strategy) -> None:
         if isinstance(current, NEEDS_INDIVIDUAL_UPDATES):
             ok = False
             break
-        inner = getattr(current, "strategy", None)
+        inner = getattr(current, "strategy", None) or getattr(current, "wrapped", None)
         if isinstance(inner, Strategy):
             current = inner
             continue
@@ -126,14 +131,22 @@ def check_strategy(strategy: Strategy) -> None:
 
 def check_codec(spec: str) -> None:
     """Refuse codecs whose upload is sparse per client: masking would densify it."""
-    stages = [part.split(":")[0].strip().lower().replace("-", "").replace("_", "")
-              for part in spec.split(",")]
-    if any(stage.startswith(("topk", "randk", "sparse")) for stage in stages):
+    if parse_chain(spec).topk > 0:
         raise ConfigError(
             f"run config 'upload-codec' = {spec!r} cannot be combined with "
             "'secure-aggregation': each client picks its own coordinates, and a masked "
             "vector must cover every coordinate, so top-k would lose all its savings. Use a "
             "dense or quantizing codec")
+
+
+def check_user_dp(settings: UserLevelDPSettings) -> None:
+    """Adaptive clipping needs each client's clipped bit, which a secure sum hides."""
+    if settings.enabled and settings.adaptive:
+        raise ConfigError(
+            f"run config 'user-dp' = {settings.user_dp!r} cannot be combined with "
+            "'secure-aggregation': adaptive clipping counts the clients whose update was "
+            "clipped from each reply, and secure aggregation sends one summed reply. Use "
+            "'client-fixed' (its noise goes on the unmasked mean)")
 
 
 @dataclasses.dataclass
@@ -147,6 +160,8 @@ class SecureRound:
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
     rejected: dict[int, str] = dataclasses.field(default_factory=dict)
     timed_out: dict[int, str] = dataclasses.field(default_factory=dict)  # node -> stage
+    refused: dict[int, Refusal] = dataclasses.field(default_factory=dict)  # privacy budget
+    privacy: dict[int, ConfigRecord] = dataclasses.field(default_factory=dict)  # ε reports
     bytes_up: dict[int, int] = dataclasses.field(default_factory=dict)
     bytes_down: dict[int, int] = dataclasses.field(default_factory=dict)
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -292,6 +307,15 @@ class SecureAggregation:
         accused: dict[int, int] = {}
 
         def read(node: int, reply: Message) -> None:
+            try:
+                report, refusal = read_reply_privacy(reply.content)
+            except wire.UploadError as err:
+                raise SecAggError(str(err)) from err
+            if report is not None:
+                result.privacy[node] = report
+            if refusal is not None:  # trains no more (privacy budget): counts as dropped
+                result.refused[node] = refusal
+                return
             masked = reply.content.get(MASKED_KEY)
             if not isinstance(masked, ArrayRecord) or set(masked.keys()) != {"values", "scalars"}:
                 raise SecAggError(f"'{MASKED_KEY}' must be an ArrayRecord of values and scalars")
@@ -327,7 +351,7 @@ class SecureAggregation:
         state.scalars = np.zeros(len(SCALARS), dtype=np.uint64)
         for node in survivors:
             values, scalars = inputs.pop(node)
-            np.add(state.values, unpack(values, state.fixed.sum_bits, state.dim), out=state.values)
+            add_packed(state.values, values, state.fixed.sum_bits)
             np.add(state.scalars, scalars, out=state.scalars)
         state.active = survivors
 
@@ -376,11 +400,11 @@ class SecureAggregation:
                 key = agree(private, state.keys[partner][1], PAIR_MASK, state.tag.context)
                 masks.add(state.values, state.scalars, key, -pair_sign(partner, node))
         totals = decode_scalars(state.scalars)
-        if totals["weight-examples"] <= 0:
+        if totals["weight-units"] <= 0:
             raise RoundAborted("the surviving clients report no training examples")
         weighted_sum = state.fixed.decode_sum(state.values)
         result.mean_update = weighted_sum * (self.config.secagg_max_examples
-                                             / totals["weight-examples"])
+                                             / totals["weight-units"])
         result.totals = totals
         result.contributors = sorted(survivors)
 
@@ -488,7 +512,8 @@ class SecureFederation(Federation):
                                     self.cfg.min_train_nodes).run(messages, dim)
         decoded = DecodedRound(accepted=[], updates={}, rejected=outcome.rejected,
                                failed=outcome.failed, bytes_up=outcome.bytes_up,
-                               timed_out=sorted(outcome.timed_out),
+                               timed_out=sorted(outcome.timed_out), refused=outcome.refused,
+                               privacy=outcome.privacy,
                                contributors=len(outcome.contributors))
         decoded.summary = {
             "bytes_down_per_client": {str(k): v for k, v in outcome.bytes_down.items()},
@@ -496,8 +521,6 @@ class SecureFederation(Federation):
                 "aborted": outcome.aborted, "sum_bits": outcome.sum_bits,
                 "threshold": outcome.threshold, "neighbours": outcome.neighbours,
                 "clipped_values": outcome.totals.get("clipped", 0),
-                "weight_capped_examples": (outcome.totals.get("examples", 0)
-                                           - outcome.totals.get("weight-examples", 0)),
                 "timed_out_at": {str(k): v for k, v in outcome.timed_out.items()},
                 "stage_seconds": outcome.stage_seconds,
             },
@@ -537,4 +560,5 @@ def federation_class(run_config, strategy: Strategy):
     if not secagg.enabled:
         return Federation
     check_strategy(strategy)
+    check_user_dp(UserLevelDPSettings.from_run_config(run_config))
     return functools.partial(SecureFederation, secagg=secagg)

@@ -9,7 +9,8 @@ Flower's strategies keep it in plain attributes (read from the flwr 1.42 sources
 * DifferentialPrivacy*AdaptiveClipping: ``clipping_norm``, adapted every round;
 * DifferentialPrivacy*FixedClipping: an optional ``accountant`` with
   ``state_dict()`` / ``load_state_dict()`` (Flower's RdpAccountant);
-* every wrapper keeps the strategy it wraps in ``.strategy``.
+* every wrapper keeps the strategy it wraps in ``.strategy`` (Flower's) or
+  ``.wrapped`` (``server/central_dp.UserLevelDP``, around Flower's DP wrappers).
 
 A plug-in with other state gives its strategy ``state_dict() -> dict`` and
 ``load_state_dict(dict)``; values may be numbers, strings, ``None``, lists, dicts
@@ -39,7 +40,7 @@ def strategy_state(strategy: Strategy) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"class": type(level).__name__, "attributes": {}}
         for name in ATTRIBUTES:
             value = getattr(level, name, None)
-            if value is not None:
+            if value is not None and not callable(value):  # UserLevelDP.clipping_norm()
                 entry["attributes"][name] = _encode(value)
         accountant = getattr(level, "accountant", None)
         if accountant is not None:
@@ -70,7 +71,8 @@ def _chain(strategy: Strategy) -> Iterator[Strategy]:
     level: Any = strategy
     while isinstance(level, Strategy):
         yield level
-        level = getattr(level, "strategy", None)
+        inner = getattr(level, "strategy", None)
+        level = inner if isinstance(inner, Strategy) else getattr(level, "wrapped", None)
 
 
 def _encode(value: Any) -> dict[str, Any]:

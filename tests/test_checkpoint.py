@@ -27,6 +27,8 @@ from flwr.serverapp.strategy import (
 from safetensors.numpy import load_file
 
 from sepal.config import ConfigError, RunConfig
+from sepal.privacy import UserLevelDPSettings
+from server.central_dp import UserLevelDP
 from server.checkpoint import (
     Checkpoint,
     CheckpointConfig,
@@ -123,6 +125,8 @@ def test_a_run_is_identified_by_its_name(tmp_path):
     assert open_checkpoints(settings, cfg, "study", RUN_CONFIG)[1].round == 1
     with pytest.raises(CheckpointError, match="set resume = true to continue it"):
         open_checkpoints(CheckpointConfig(), cfg, "study", RUN_CONFIG)
+    with pytest.raises(ConfigError, match="cannot continue a DP-SGD run"):
+        open_checkpoints(settings, cfg, "study", {**RUN_CONFIG, "dp-sgd": True})
     assert open_checkpoints(CheckpointConfig(checkpoint_keep=0), cfg, "study", {}) == (None, None)
 
 
@@ -153,7 +157,17 @@ def test_strategy_state_of_flower_strategies_survives_a_checkpoint(tmp_path):
                                             population_size=100), count=3)
     fixed = DifferentialPrivacyServerSideFixedClipping(FedAvg(), 1.0, 1.0, 2, accountant=accountant)
 
+    def user_level(mode):
+        settings = UserLevelDPSettings(user_dp=mode, user_dp_noise_multiplier=0.1)
+        return UserLevelDP(FedAvgM(server_momentum=0.9), settings, num_sampled_clients=2,
+                           population=2)
+
+    sepal_adaptive = user_level("server-adaptive")
+    sepal_adaptive.wrapped.clipping_norm = 0.456
+    sepal_adaptive.wrapped.strategy.momentum_vector = [np.full(3, 0.7, np.float32)]
+
     for strategy, fresh in [
+        (sepal_adaptive, user_level("server-adaptive")),
         (adam, FedAdam()), (momentum, FedAvgM(server_momentum=0.9)),
         (adaptive, DifferentialPrivacyServerSideAdaptiveClipping(FedAvg(), 0.1, 2)),
         (fixed, DifferentialPrivacyServerSideFixedClipping(
@@ -166,6 +180,10 @@ def test_strategy_state_of_flower_strategies_survives_a_checkpoint(tmp_path):
         assert _same(strategy_state(fresh), strategy_state(strategy))
 
     assert adaptive.clipping_norm == 0.123
+    restored = user_level("server-adaptive")
+    load_strategy_state(restored, strategy_state(sepal_adaptive))
+    assert restored.clipping_norm() == 0.456  # through UserLevelDP.wrapped
+    assert np.array_equal(restored.wrapped.strategy.momentum_vector[0], np.full(3, 0.7, np.float32))
     assert fresh.accountant.num_releases == 3
     assert fresh.accountant.get_epsilon(1e-5) == accountant.get_epsilon(1e-5)
     with pytest.raises(StrategyStateError, match="FedAdam, but this run's strategy is FedAvgM"):

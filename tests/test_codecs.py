@@ -147,7 +147,7 @@ def test_dense_is_exact_and_quantized_is_within_one_step():
             assert (np.abs(decoded[name].ravel() - flat) <= bound * (1 + 1e-5)).all(), chain
 
 
-@pytest.mark.parametrize("chain", ["topk:0.05", "topk:0.05:global", "topk:30", "topk:300:global"])
+@pytest.mark.parametrize("chain", ["topk:0.05:tensor", "topk:0.05", "topk:30:tensor", "topk:300"])
 def test_topk_keeps_the_largest_entries_exactly(chain):
     update = make_update()
     decoded, params = roundtrip(chain, update)
@@ -175,7 +175,7 @@ def test_topk_keeps_the_largest_entries_exactly(chain):
 
 def test_topk_with_quantized_values_bounds_kept_and_dropped_entries():
     update = make_update()
-    decoded, params = roundtrip("topk:0.05,q4:0", update)
+    decoded, params = roundtrip("topk:0.05:tensor,q4:0", update)
     assert params["codec"] == "topk" and params["bits"] == 4
     for name, x in update.items():
         order = np.argsort(-np.abs(x.ravel()), kind="stable")
@@ -201,9 +201,10 @@ def test_lossless_pass_changes_bytes_not_values(method):
 # --- chains from the run config -----------------------------------------------------------
 
 def test_chains_parse_in_any_order_into_one_pipeline():
-    spec = parse_chain("zlib, q4:128, ef, topk:0.001:global")
+    spec = parse_chain("zlib, q4:128, ef, topk:0.001:tensor")
     assert (spec.topk, spec.topk_scope, spec.bits, spec.block, spec.error_feedback,
-            spec.lossless) == (0.001, "global", 4, 128, True, "zlib")
+            spec.lossless) == (0.001, "tensor", 4, 128, True, "zlib")
+    assert parse_chain("topk:0.01").topk_scope == "global"
     assert parse_chain("dense") == parse_chain("dense")
     assert CompressionConfig.from_mapping({"upload-codec": "topk:100,ef,q8"}).upload_codec
 
@@ -255,8 +256,8 @@ def _running_sums(chain: str, rounds: int, checkpoints=(20, 80)):
 
 
 def test_error_feedback_keeps_the_sum_sent_on_the_sum_of_true_updates():
-    (ef_20, ef_80), residual, true_sum, sent_sum = _running_sums("topk:0.05,ef,q4", 80)
-    (plain_20, plain_80), no_state, _, _ = _running_sums("topk:0.05,q4", 80)
+    (ef_20, ef_80), residual, true_sum, sent_sum = _running_sums("topk:0.05:tensor,ef,q4", 80)
+    (plain_20, plain_80), no_state, _, _ = _running_sums("topk:0.05:tensor,q4", 80)
     assert no_state is None
     # what was not sent is exactly the residual the client keeps ...
     for name, array in residual.items():

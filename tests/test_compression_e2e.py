@@ -7,6 +7,8 @@ to dense float32.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from tests.conftest import read_metrics
@@ -15,6 +17,10 @@ from tests.conftest import read_metrics
 def test_compressed_run_reports_measured_bytes_per_client_per_round(run_simulation, sst2):
     folder = run_simulation({"upload-codec": "topk:0.01,ef,q4,zlib", "download-codec": "q8",
                              "num-server-rounds": 3}, num_supernodes=2, name="compressed")
+
+    recorded = json.loads((folder / "config.json").read_text())
+    assert recorded["upload_codec"] == "topk:0.01,ef,q4,zlib"
+    assert recorded["download_codec"] == "q8"
 
     rounds = read_metrics(folder)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]

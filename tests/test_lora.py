@@ -33,14 +33,15 @@ def test_only_adapters_and_classifier_travel_and_a_dp_round_leaves_the_base_unto
 
     node = NodeData(partition_id=0, num_partitions=1)
     training = LocalTraining(CFG, node, LABELS, torch.device("cpu"), lora=LORA)
-    frozen = training.model.get_base_model().bert.embeddings.word_embeddings.weight.detach().clone()
+    embeddings = training.model.get_base_model().bert.embeddings.word_embeddings.weight
+    frozen = embeddings.detach().clone()
     policy = EffectivePrivacy.combine(DPSGDSettings(dp_sgd=True), SitePolicy())
     privacy = ClientPrivacy.calibrated(policy, LocalPlan(64, 16, 1, 2))
     training.run(server_weights, 1, privacy)
     local = training.local_weights()
     assert list(local) == list(server_weights)
     assert any(not (local[k] == server_weights[k]).all() for k in local)
-    assert torch.equal(frozen, training.model.get_base_model().bert.embeddings.word_embeddings.weight)
+    assert torch.equal(frozen, embeddings)
     assert privacy.steps_taken == 4
 
 

@@ -6,6 +6,7 @@ Real Opacus on the tiny random BERT and real SST-2 sentences; the client app's o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from sepal.privacy import (
     DPSGDSettings,
     EffectivePrivacy,
     LocalPlan,
+    PrivacyRefusal,
     SitePolicy,
     UserLevelDPSettings,
     check_run_settings,
@@ -102,7 +104,8 @@ def test_per_example_gradients_are_clipped_to_the_bound(lora):
     inputs = {key: batch[key] for key in MODEL_INPUTS}
 
     optimizer = torch.optim.SGD(params.values(), lr=1.0)
-    with privacy.attach(model, optimizer, make_loader(dataset, 16, True, 0)) as (dp_opt, loss_fn, _):
+    loader = make_loader(dataset, 16, True, 0)
+    with privacy.attach(model, optimizer, loader) as (dp_opt, loss_fn, _):
         loss = (loss_fn or torch.nn.CrossEntropyLoss())(model(**inputs).logits, batch["labels"])
         dp_opt.zero_grad()
         loss.backward()
@@ -199,7 +202,29 @@ def test_a_site_can_force_dp_and_only_tighten():
     assert capped is not None and capped.target_epsilon == 2.0  # a cap implies DP-SGD
     # the site's noise floor beats the run's calibration
     plan = LocalPlan(80, 16, 1, 3)
-    assert ClientPrivacy.calibrated(policy, plan).noise_multiplier == 10.0
+    privacy = ClientPrivacy.calibrated(policy, plan)
+    assert privacy.noise_multiplier == 10.0
+    # a floor raised mid-run applies from the next round on
+    stricter = dataclasses.replace(policy, min_noise_multiplier=12.0)
+    assert ClientPrivacy.from_record(stricter, plan, privacy.to_record()).noise_multiplier == 12.0
+
+
+def test_a_restarted_supernode_continues_from_its_state_dir(tmp_path):
+    """``dp-state-dir``: a fresh context.state (SuperNode restarted mid-run) picks up the
+    accountant the site wrote to disk instead of counting from zero."""
+    cfg = RunConfig.from_mapping(RUN)
+    node_config = {**NODE, "dp-state-dir": str(tmp_path / "privacy")}
+    first = ClientPrivacy.for_node(client_context(node_config), cfg, 80)
+    for _ in range(5):
+        first.accountant.step(noise_multiplier=first.noise_multiplier, sample_rate=0.2)
+    first.save(client_context(node_config))
+    assert (tmp_path / "privacy" / "run-1.json").exists()
+
+    restarted = ClientPrivacy.for_node(client_context(node_config), cfg, 80)
+    assert restarted.steps_taken == 5 and restarted.noise_multiplier == first.noise_multiplier
+    (tmp_path / "privacy" / "run-1.json").write_text("{not json")
+    with pytest.raises(PrivacyRefusal, match="'dp-state-dir'"):
+        ClientPrivacy.for_node(client_context(node_config), cfg, 80)
 
 
 @pytest.mark.parametrize("run_config, node_config, key", [
@@ -210,11 +235,13 @@ def test_a_site_can_force_dp_and_only_tighten():
     ({"dp-accountant": "moments"}, {}, "'dp-accountant'"),
     ({"dp-simulated-site-policy": "first: dp-max-epsilon=1"}, {}, "'dp-simulated-site-policy'"),
     ({"dp-simulated-site-policy": "0: dp-max-epsilom=1"}, {}, "unknown keys ['dp-max-epsilom']"),
-    ({"user-dp": "server-fixed", "user-dp-noise-multiplier": 0.0}, {}, "'user-dp-noise-multiplier'"),
+    ({"user-dp": "server-fixed", "user-dp-noise-multiplier": 0.0}, {},
+     "'user-dp-noise-multiplier'"),
     ({"user-dp": "central"}, {}, "'user-dp'"),
     ({}, {"dp-max-epsilon": -1.0}, "node config 'dp-max-epsilon'"),
     ({}, {"dp-delta": 2.0}, "node config 'dp-delta'"),
     ({}, {"dp-max-epsilom": 1.0}, "'dp-max-epsilom'"),
+    ({}, {"max-epsilon": 1.0}, "['max-epsilon'] not privacy policy keys"),
 ])
 def test_impossible_settings_name_the_setting(run_config, node_config, key):
     with pytest.raises(ConfigError) as err:
@@ -226,9 +253,11 @@ def test_impossible_settings_name_the_setting(run_config, node_config, key):
 
 def test_server_start_up_rejects_delta_and_budget_no_client_can_meet():
     cfg = RunConfig.from_mapping(RUN)
-    with pytest.raises(ConfigError, match=r"run config 'dp-delta' 0.01 must be below 1/n = 0.00625"):
+    with pytest.raises(ConfigError,
+                       match=r"run config 'dp-delta' 0.01 must be below 1/n = 0.00625"):
         check_run_settings(DPSGDSettings(dp_sgd=True, dp_delta=0.01), cfg, 160)
-    with pytest.raises(ConfigError, match="'dp-target-epsilon' 1e-09 is too small for even one step"):
+    with pytest.raises(ConfigError,
+                       match="'dp-target-epsilon' 1e-09 is too small for even one step"):
         check_run_settings(DPSGDSettings(dp_sgd=True, dp_target_epsilon=1e-9), cfg, 160)
 
 

@@ -133,9 +133,10 @@ def test_fixed_point_sum_is_exact_within_rounding_and_never_wraps():
 
 
 def test_scalars_sum_examples_weights_and_weighted_metrics():
-    total = (encode_scalars(100, 1000, 0.5, 0.8, 3) + encode_scalars(3000, 1000, 0.3, 0.6, 0))
+    # weight units min(examples, W = 1000): 100 and 1000
+    total = (encode_scalars(100, 100, 0.5, 0.8, 3) + encode_scalars(3000, 1000, 0.3, 0.6, 0))
     totals = decode_scalars(total)
-    assert totals["examples"] == 3100 and totals["weight-examples"] == 1100
+    assert totals["examples"] == 3100 and totals["weight-units"] == 1100
     assert totals["clipped"] == 3
     assert totals["train-loss"] == pytest.approx((100 * 0.5 + 1000 * 0.3) / 1100, abs=1e-6)
     assert totals["train-accuracy"] == pytest.approx((100 * 0.8 + 1000 * 0.6) / 1100, abs=1e-6)
@@ -165,3 +166,16 @@ def test_config_section_names_the_bad_key():
                        ("secagg-threshold", 1.5), ("secagg-max-examples", 0)]:
         with pytest.raises(ConfigError, match=key):
             SecAggConfig.from_mapping({key: value})
+
+
+@pytest.mark.parametrize("value_bits, clients", [(17, 2**15), (24, 2**10), (2, 3)])  # b = 32, 34, 3
+def test_fixed_point_decodes_signed_sums_at_32_and_64_bit_words(value_bits, clients):
+    fixed = FixedPoint.for_clients(clip=1.0, value_bits=value_bits, clients=clients)
+    assert fixed.dtype == (np.uint32 if fixed.sum_bits <= 32 else np.uint64)
+    rng = np.random.default_rng(3)
+    values = np.array([1.0, -1.0, 0.0, 0.5, -0.25], np.float32)
+    total = np.zeros(5, dtype=fixed.dtype)
+    for _ in range(3):
+        words, _ = fixed.encode([values[:2], values[2:]], 1.0, rng)  # tensors back to back
+        total += words
+    assert np.abs(fixed.decode_sum(total) - 3 * values).max() <= 3 * fixed.step + 1e-6

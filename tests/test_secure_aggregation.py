@@ -47,11 +47,15 @@ from sepal.secagg.protocol import (
     UNMASK_KEY,
     message_type,
 )
+from sepal.privacy import UserLevelDPSettings
+from sepal.privacy.refusal import BUDGET_EXHAUSTED, PrivacyRefusal, Refusal
+from server.central_dp import wrap_with_user_level_dp
 from server.secure_aggregation import (
     SecureAggregation,
     SecureFederation,
     check_codec,
     check_strategy,
+    check_user_dp,
 )
 from simulations.loopback import LoopbackGrid
 
@@ -65,6 +69,7 @@ class Federation5:
     def __init__(self, nodes=(101, 202, 303, 404, 505), shapes=SHAPES, **config):
         rng = np.random.default_rng(0)
         self.nodes, self.shapes = list(nodes), shapes
+        self.refusing: set[int] = set()  # nodes whose privacy budget is spent
         self.dim = sum(int(np.prod(s)) for s in shapes.values())
         self.updates = {n: OrderedDict((k, rng.normal(0, 0.01, s).astype(np.float32))
                                        for k, s in shapes.items()) for n in self.nodes}
@@ -83,11 +88,16 @@ class Federation5:
 
     def _train(self, msg: Message, context) -> Message:
         node = msg.metadata.dst_node_id
+        report = ConfigRecord({"epsilon": 1.5 + node, "delta": 1e-5})
+        if node in self.refusing:
+            refusal = Refusal(BUDGET_EXHAUSTED, "the next round would pass dp-max-epsilon")
+            return Message(PrivacyRefusal(refusal, report).content(), reply_to=msg)
         payload, params, _ = DenseCodec().encode(self.updates[node], None)
         metrics = MetricRecord({wire.NUM_EXAMPLES: self.examples[node], "train-loss": 0.25,
                                 "train-accuracy": 0.5})
         return Message(RecordDict({wire.UPDATE_KEY: payload, wire.CODEC_KEY: params,
-                                   wire.METRICS_KEY: metrics}), reply_to=msg)
+                                   wire.METRICS_KEY: metrics, wire.PRIVACY_KEY: report}),
+                       reply_to=msg)
 
     def run_round(self, server_round=1):
         zeros = OrderedDict((k, np.zeros(s, np.float32)) for k, s in self.shapes.items())
@@ -96,11 +106,11 @@ class Federation5:
                             node, "train") for node in self.nodes]
         return SecureAggregation(self.grid, self.config, train_timeout=60).run(messages, self.dim)
 
-    def expected_mean(self, contributors):
+    def expected_mean(self, contributors, uniform=False):
         cap = self.config.secagg_max_examples
         flat = {n: np.concatenate([u.ravel() for u in self.updates[n].values()])
                 for n in contributors}
-        weights = {n: min(self.examples[n], cap) / cap for n in contributors}
+        weights = {n: 1.0 if uniform else min(self.examples[n], cap) / cap for n in contributors}
         return sum(weights[n] * flat[n] for n in contributors) / sum(weights.values()), \
             sum(weights.values())
 
@@ -323,12 +333,50 @@ def test_fedavg_family_accepts_the_single_secure_reply(strategy):
     check_strategy(strategy)
 
 
-def test_per_client_top_k_is_refused():
-    for chain in ("topk:0.01", "ef,topk:0.001:global,q8", "top-k:100"):
+def test_per_client_top_k_and_adaptive_user_dp_are_refused():
+    for chain in ("topk:0.01", "ef,topk:0.001:global,q8", "topk:100:global"):
         with pytest.raises(ConfigError, match="upload-codec.*top-k would lose"):
             check_codec(chain)
     check_codec("dense")
     check_codec("q8:256,zlib")
+    for mode in ("client-adaptive", "server-adaptive"):
+        with pytest.raises(ConfigError, match="user-dp.*adaptive clipping counts"):
+            check_user_dp(UserLevelDPSettings.from_run_config({"user-dp": mode}))
+    check_user_dp(UserLevelDPSettings.from_run_config({"user-dp": "client-fixed"}))
+
+
+def test_privacy_reports_are_forwarded_and_a_refusing_site_counts_as_dropped():
+    fed = Federation5()
+    fed.refusing = {303}
+    result = fed.run_round()
+    fed.assert_mean_of(result, [101, 202, 404, 505])
+    assert result.refused[303].code == BUDGET_EXHAUSTED
+    assert {n: float(r["epsilon"]) for n, r in result.privacy.items()} == \
+        {n: 1.5 + n for n in fed.nodes}
+
+
+def test_user_level_dp_noise_goes_on_the_unweighted_secure_mean():
+    fed = Federation5(**{"user-dp": "client-fixed", "user-dp-noise-multiplier": 1e-4,
+                         "user-dp-clipping-norm": 1.0})
+    cfg = RunConfig(min_train_nodes=2, min_available_nodes=5, round_timeout=60)
+    strategy = wrap_with_user_level_dp(
+        FedAvg(min_available_nodes=5, min_train_nodes=5),
+        UserLevelDPSettings.from_run_config(fed.run_config), fed.grid, cfg)
+    check_strategy(strategy)
+    federation = SecureFederation(fed.grid, strategy, cfg, ["negative", "positive"], None, None,
+                                  train_config={"upload-codec": "dense"}, secagg=fed.config)
+    weights = OrderedDict((k, np.zeros(s, np.float32)) for k, s in SHAPES.items())
+    messages = list(strategy.configure_train(
+        1, wire.arrays_to_record(weights), ConfigRecord({"server-round": 1}), fed.grid))
+    decoded = federation.collect_updates(messages, weights)
+    arrays, _ = strategy.aggregate_train(1, decoded.accepted)
+    assert arrays is not None  # Flower's wrapper counted 5 replies for 5 sampled clients
+    new = np.concatenate([arrays[k].numpy().ravel() for k in SHAPES])
+    mean, _ = fed.expected_mean(fed.nodes, uniform=True)
+    weighted, _ = fed.expected_mean(fed.nodes)
+    noise_and_rounding = 1e-4 * 1.0 / 5 * 6 + 5 * fed.config.secagg_clip / 32767 / 5
+    assert np.abs(new - mean).max() < noise_and_rounding < np.abs(new - weighted).max()
+    assert strategy.privacy_spent().epsilon > 0
 
 
 @pytest.mark.parametrize("strategy_class", [FedAvg, FedAdam])

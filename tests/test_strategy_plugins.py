@@ -118,7 +118,7 @@ def test_unsound_combination_stops_the_server_at_start_up(tmp_path, sst2):
     run_config = {**app_run_config({**TINY_INPROCESS, "dataset": str(sst2), "strategy": "krum",
                                     "output-dir": str(tmp_path), "run-name": "unsound"}),
                   "user-dp": "server-fixed"}  # a key the central-DP section owns
-    grid = InProcessGrid(run_config, 2)
+    grid = InProcessGrid(run_config, 2, keep_messages=True)
     with pytest.raises(CompositionError, match="central-dp cannot wrap strategy 'krum'"):
         serve(grid, server_context(run_config))
     assert grid.sent == [] and not (tmp_path / "unsound").exists()

@@ -4,7 +4,7 @@ A chain is written as comma-separated stages, e.g. ``"topk:0.01,ef,q4,zlib"``:
 
 ``dense``               float32, uncompressed (the default; alone or with a lossless pass)
 ``topk:K[:SCOPE]``      keep the K largest-magnitude entries: ``0 < K < 1`` a fraction,
-                        ``K >= 1`` a count; SCOPE ``tensor`` (default) or ``global``
+                        ``K >= 1`` a count; SCOPE ``global`` (default) or ``tensor``
 ``qB[:BLOCK]``          stochastic quantization to B = 8, 4 or 2 bits, one scale per
                         BLOCK values (default 256; 0 = one scale per tensor)
 ``ef``                  error feedback: keep what was not sent, add it next round
@@ -38,7 +38,7 @@ DEFAULT_BLOCK = 256
 @dataclasses.dataclass(frozen=True)
 class ChainSpec:
     topk: float = 0.0          # 0 = off; < 1 a fraction, >= 1 a count
-    topk_scope: str = "tensor"
+    topk_scope: str = "global"
     bits: int = 0              # 0 = float32 values
     block: int = DEFAULT_BLOCK
     error_feedback: bool = False
@@ -76,7 +76,7 @@ def parse_chain(text: str, key: str = "upload-codec") -> ChainSpec:
         else:
             raise ConfigError(
                 f"run config '{key}': unknown stage {stage!r} in {text!r} (stages: dense, "
-                "topk:K[:tensor|global], q8|q4|q2[:BLOCK], ef, zlib, lzma, zstd)")
+                "topk:K[:global|tensor], q8|q4|q2[:BLOCK], ef, zlib, lzma, zstd)")
     spec = ChainSpec(**fields)
     if "dense" in seen and spec.lossy:
         raise ConfigError(f"run config '{key}': 'dense' cannot be combined with topk or "
@@ -138,7 +138,7 @@ def _topk(rest: str, key: str) -> dict:
     if not (0 < k < 1 or (k >= 1 and k == int(k))):
         raise ConfigError(f"run config '{key}': topk needs a fraction in (0, 1) or a whole "
                           f"count >= 1, got {amount!r}")
-    scope = scope or "tensor"
+    scope = scope or "global"
     if scope not in SCOPES:
         raise ConfigError(f"run config '{key}': topk scope must be one of {SCOPES}, "
                           f"got {scope!r}")

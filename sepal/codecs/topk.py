@@ -1,9 +1,11 @@
 """Top-k sparsification: send only the k largest-magnitude entries of the update.
 
 ``k`` is a fraction of the elements (``0 < k < 1``, at least one is kept) or a count
-(``k >= 1``), taken per tensor (``scope = "tensor"``: every tensor sends its own top
-k, so none is starved) or over the whole update (``scope = "global"``: the k largest
-anywhere; tensors with none kept are left out of the upload).
+(``k >= 1``), taken over the whole update (``scope = "global"``: the k largest
+anywhere; tensors with none kept are left out of the upload) or per tensor
+(``scope = "tensor"``: every tensor sends its own top k, so none is starved, but
+large tensors whose update is mostly noise, such as the word embeddings under
+weight decay, take their share of the budget too).
 
 Streams: ``indices`` (each tensor's kept positions, delta-encoded varints, see
 :mod:`sepal.codecs.varint`) plus the value coding's streams (float32 or quantized);
@@ -25,7 +27,7 @@ from sepal.codecs.table import TensorEntry, read_table, write_table
 from sepal.codecs.values import ValueCoding
 from sepal.codecs.varint import delta_decode, delta_encode
 
-SCOPES = ("tensor", "global")
+SCOPES = ("global", "tensor")
 
 
 class TopKCodec(Codec):

@@ -24,6 +24,8 @@ from sepal.config import ConfigError, parse_section, require
 
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
+# policy-like node config keys without the dp- prefix: refused rather than ignored
+UNPREFIXED = ("max-epsilon", "epsilon", "delta", "force-dp", "min-noise-multiplier")
 USER_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
 
 
@@ -57,7 +59,8 @@ class DPSGDSettings:
         require(0 < self.dp_delta < 1, "dp-delta",
                 f"must be in (0, 1) (and below 1/number of examples), got {self.dp_delta}")
         require(self.dp_max_grad_norm > 0, "dp-max-grad-norm",
-                f"must be > 0 (per-example gradients are clipped to it), got {self.dp_max_grad_norm}")
+                f"must be > 0 (per-example gradients are clipped to it), "
+                f"got {self.dp_max_grad_norm}")
         require(self.dp_accountant in ACCOUNTANTS, "dp-accountant",
                 f"must be one of {ACCOUNTANTS} (Opacus accountants), got {self.dp_accountant!r}")
         require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp-grad-sample-mode",
@@ -68,7 +71,8 @@ class DPSGDSettings:
         """Partition id -> site policy, from ``dp-simulated-site-policy``."""
         key = "dp-simulated-site-policy"
         policies: dict[int, SitePolicy] = {}
-        for entry in filter(None, (part.strip() for part in self.dp_simulated_site_policy.split(";"))):
+        entries = (part.strip() for part in self.dp_simulated_site_policy.split(";"))
+        for entry in filter(None, entries):
             partition, sep, settings = entry.partition(":")
             require(bool(sep) and partition.strip().isdigit(), key,
                     f"entry {entry!r} must look like 'PARTITION-ID: key=value key=value'")
@@ -93,12 +97,16 @@ class SitePolicy:
     ``dp-delta``                this site's δ (0 = the run's); the smaller of the two is used
     ``dp-force``                train under DP-SGD even when the run does not ask for it
     ``dp-min-noise-multiplier`` floor on the DP-SGD noise multiplier (0 = none)
+    ``dp-state-dir``            a folder where the client also keeps its accountant, so that
+                                a SuperNode restarted mid-run (fresh context.state) goes on
+                                counting from what it spent (empty = context.state only)
     """
 
     dp_max_epsilon: float = 0.0
     dp_delta: float = 0.0
     dp_force: bool = False
     dp_min_noise_multiplier: float = 0.0
+    dp_state_dir: str = ""
 
     @staticmethod
     def keys() -> set[str]:
@@ -127,15 +135,18 @@ class SitePolicy:
             dp_force=self.dp_force or other.dp_force,
             dp_min_noise_multiplier=max(self.dp_min_noise_multiplier,
                                         other.dp_min_noise_multiplier),
+            dp_state_dir=self.dp_state_dir or other.dp_state_dir,
         )
 
 
 def site_policy(node_config: Mapping[str, Any], run: DPSGDSettings) -> SitePolicy:
     """This node's policy: its node config, tightened by a simulated policy for its partition.
 
-    A ``dp-`` key that is not a policy key is an error: a misspelt cap must not pass silently.
+    A ``dp-`` key that is not a policy key, or a policy key without its ``dp-`` prefix, is
+    an error: a misspelt cap must not pass silently.
     """
-    unknown = sorted(k for k in node_config if k.startswith("dp-") and k not in SitePolicy.keys())
+    unknown = sorted(k for k in node_config
+                     if (k.startswith("dp-") or k in UNPREFIXED) and k not in SitePolicy.keys())
     if unknown:
         raise ConfigError(f"node config {unknown} not privacy policy keys (a site policy takes "
                           f"{sorted(SitePolicy.keys())})")
@@ -156,6 +167,7 @@ class EffectivePrivacy:
     max_grad_norm: float
     accountant: str
     grad_sample_mode: str
+    state_dir: str = ""
 
     @classmethod
     def combine(cls, run: DPSGDSettings, site: SitePolicy) -> EffectivePrivacy | None:
@@ -177,6 +189,7 @@ class EffectivePrivacy:
             max_grad_norm=run.dp_max_grad_norm,
             accountant=run.dp_accountant,
             grad_sample_mode=run.dp_grad_sample_mode,
+            state_dir=site.dp_state_dir,
         )
 
 

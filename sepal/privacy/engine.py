@@ -21,6 +21,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context
@@ -85,26 +86,24 @@ class ClientPrivacy:
         try:
             run = DPSGDSettings.from_run_config(context.run_config)
             policy = EffectivePrivacy.combine(run, site_policy(context.node_config, run))
+            if policy is None:
+                return None
+            plan = LocalPlan(num_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds)
+            record = (context.state[STATE_KEY] if STATE_KEY in context.state
+                      else _read_state_file(policy, context.run_id))
+            privacy = (cls.from_record(policy, plan, record) if record is not None
+                       else cls.calibrated(policy, plan))
         except ConfigError as err:
             raise PrivacyRefusal(Refusal(INVALID_SETTING, str(err))) from err
-        if policy is None:
-            return None
-        plan = LocalPlan(num_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds)
-        if STATE_KEY in context.state:
-            privacy = cls.from_record(policy, plan, context.state[STATE_KEY])
-        else:
-            privacy = cls.calibrated(policy, plan)
         privacy.check_budget()
         return privacy
 
     @classmethod
     def calibrated(cls, policy: EffectivePrivacy, plan: LocalPlan) -> ClientPrivacy:
-        """Start of the run: the noise multiplier for the whole planned run."""
-        try:
-            sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan, policy.accountant,
-                                    where="this site's")
-        except ConfigError as err:
-            raise PrivacyRefusal(Refusal(INVALID_SETTING, str(err))) from err
+        """Start of the run: the noise multiplier for the whole planned run (raises
+        ConfigError naming the setting that makes it impossible on this site)."""
+        sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan, policy.accountant,
+                                where="this site's")
         return cls(policy, plan, max(sigma, policy.min_noise_multiplier))
 
     @classmethod
@@ -114,8 +113,9 @@ class ClientPrivacy:
             raise ConfigError(
                 f"run config 'dp-accountant' is {policy.accountant!r} but this node's saved "
                 f"privacy state was accounted with {record.get('accountant')!r}")
-        return cls(policy, plan, float(record["noise-multiplier"]),
-                   json.loads(str(record["history"])))
+        # a site that raised its noise floor mid-run gets it from the next round on
+        sigma = max(float(record["noise-multiplier"]), policy.min_noise_multiplier)
+        return cls(policy, plan, sigma, json.loads(str(record["history"])))
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({
@@ -125,7 +125,15 @@ class ClientPrivacy:
         })
 
     def save(self, context: Context) -> None:
-        context.state[STATE_KEY] = self.to_record()
+        """Into the node's context.state and, with ``dp-state-dir``, onto disk."""
+        record = self.to_record()
+        context.state[STATE_KEY] = record
+        if self.policy.state_dir:
+            path = _state_file(self.policy, context.run_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(dict(record)), encoding="utf-8")
+            os.replace(tmp, path)
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -268,6 +276,23 @@ def check_run_settings(settings: DPSGDSettings, cfg: RunConfig, num_train_exampl
                         settings.dp_accountant, where="the run's training set of")
     except ConfigError as err:
         raise ConfigError(f"run config {err}") from err
+
+
+def _state_file(policy: EffectivePrivacy, run_id: int) -> Path:
+    return Path(policy.state_dir).expanduser() / f"run-{run_id}.json"
+
+
+def _read_state_file(policy: EffectivePrivacy, run_id: int) -> ConfigRecord | None:
+    if not policy.state_dir:
+        return None
+    path = _state_file(policy, run_id)
+    if not path.exists():
+        return None
+    try:
+        return ConfigRecord(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as err:
+        raise ConfigError(f"node config 'dp-state-dir': {path} is not a readable privacy "
+                          f"state ({err}); refusing to train rather than count from zero") from err
 
 
 def _os_seeded_generator(device: torch.device) -> torch.Generator:

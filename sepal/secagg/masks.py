@@ -5,9 +5,6 @@ from the seed, read as little-endian words and reduced mod 2^b. Words of 32 bits
 serve any b <= 32 and words of 64 bits any b <= 64: 2^b divides the word size, so
 the low b bits of a uniform word are uniform in Z_(2^b) and all arithmetic can run
 in native wrapping unsigned integers, reduced once at the end.
-
-The keystream is written into a reused buffer (``update_into``): producing it into
-fresh memory costs an order of magnitude more than the cipher itself.
 """
 
 from __future__ import annotations
@@ -27,30 +24,41 @@ def word_dtype(bits: int) -> np.dtype:
 
 
 class MaskExpander:
-    """Adds or subtracts seed-expanded masks to vectors of one length and word type."""
+    """Adds or subtracts seed-expanded masks to vectors of one length and word type.
+
+    The keystream is produced block by block into one small reused buffer and added
+    at once, so it never exists in full (no memory the size of the model, and the
+    block is still in cache when it is added). Producing it into fresh memory with
+    ``update`` costs an order of magnitude more than the cipher itself.
+    """
+
+    BLOCK_BYTES = 1 << 20
 
     def __init__(self, length: int, dtype: np.dtype, nonce: bytes = VALUES_NONCE):
         self.length = length
-        self.dtype = np.dtype(dtype)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
         self.nonce = nonce
-        size = length * self.dtype.itemsize
+        self.block = max(1, self.BLOCK_BYTES // self.dtype.itemsize)
+        size = min(self.block, length) * self.dtype.itemsize
         self._zeros = memoryview(bytes(size))
         self._stream = np.empty(size + 64, dtype=np.uint8)
 
-    def mask(self, key: bytes) -> np.ndarray:
-        """The mask for ``key`` (a view into a buffer reused by the next call)."""
-        encryptor = Cipher(algorithms.ChaCha20(key, self.nonce), mode=None).encryptor()
-        written = encryptor.update_into(self._zeros, self._stream)
-        size = self.length * self.dtype.itemsize
-        assert written == size
-        return self._stream[:size].view(self.dtype)
-
     def add(self, target: np.ndarray, key: bytes, sign: int = 1) -> None:
         """``target += sign * mask(key)`` in wrapping unsigned arithmetic."""
-        if sign > 0:
-            np.add(target, self.mask(key), out=target)
-        else:
-            np.subtract(target, self.mask(key), out=target)
+        encryptor = Cipher(algorithms.ChaCha20(key, self.nonce), mode=None).encryptor()
+        operation = np.add if sign > 0 else np.subtract
+        for start in range(0, self.length, self.block):
+            stop = min(start + self.block, self.length)
+            size = (stop - start) * self.dtype.itemsize
+            encryptor.update_into(self._zeros[:size], self._stream)
+            words = self._stream[:size].view(self.dtype)
+            operation(target[start:stop], words, out=target[start:stop])
+
+    def mask(self, key: bytes) -> np.ndarray:
+        """The whole mask for ``key`` (tests and inspection)."""
+        mask = np.zeros(self.length, dtype=self.dtype)
+        self.add(mask, key)
+        return mask
 
 
 class VectorMasks:

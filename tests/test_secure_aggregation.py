@@ -101,9 +101,10 @@ class Federation5:
 
     def run_round(self, server_round=1):
         zeros = OrderedDict((k, np.zeros(s, np.float32)) for k, s in self.shapes.items())
+        config = ConfigRecord({"server-round": server_round})
         messages = [Message(RecordDict({wire.ARRAYS_KEY: wire.arrays_to_record(zeros),
-                                        wire.CONFIG_KEY: ConfigRecord({"server-round": server_round})}),
-                            node, "train") for node in self.nodes]
+                                        wire.CONFIG_KEY: config}), node, "train")
+                    for node in self.nodes]
         return SecureAggregation(self.grid, self.config, train_timeout=60).run(messages, self.dim)
 
     def expected_mean(self, contributors, uniform=False):

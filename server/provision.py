@@ -330,6 +330,10 @@ def _node_config_toml(spec: FederationSpec, institution: Institution) -> str:
         if key in NODE_CONFIG_COMMENTS:
             lines.append(f"# {NODE_CONFIG_COMMENTS[key]}")
         lines.append(f"{key} = {_toml_scalar(value)}")
+    if "dp-state-dir" not in institution.node_config:
+        lines += ["# a durable folder for the privacy accountant, so that a SuperNode restarted",
+                  "# mid-run goes on counting the epsilon it spent (recommended):",
+                  '# dp-state-dir = "/var/lib/sepal/dp-state"']
     return "\n".join(lines) + "\n"
 
 

@@ -96,6 +96,7 @@ def test_each_institution_gets_its_node_config_and_exact_command(tmp_path):
                       "dp-delta": 1e-5}
     assert parse_config_args([str(fed / "institutions/clinic-b/node-config.toml")])["device"] \
         == "cuda:0"
+    assert '# dp-state-dir = "' in (folder / "node-config.toml").read_text()
 
     script = (folder / "start-supernode.sh").read_text()
     for line in ["exec sepal-supernode", "--superlink fl.example.org:9093",

@@ -1,7 +1,8 @@
 """Compressed uploads on SST-2 with MiniLM: bytes on the wire, accuracy, codec time.
 
     python -m benchmarks.compression [--part codec|federated|both] [--clients 10]
-        [--alpha 0.5] [--rounds 3] [--train-examples 2000] [--settings NAME=CHAIN ...]
+        [--alpha 0.5] [--rounds 3] [--train-examples 2000]
+        [--settings "NAME=CHAIN[; KEY=VALUE ...]" ...]
 
 ``codec``: one real MiniLM update (a client's local - global after one round of local
 training on its Dirichlet share of SST-2) is encoded with each setting. Prints the
@@ -14,7 +15,11 @@ global + update as the server does before aggregation).
 label skew over ``--train-examples`` SST-2 sentences, ``--rounds`` rounds of FedAvg,
 one local epoch, sequence length 64, evaluated on the 872-sentence dev set) once per
 setting, on Flower's simulation engine. Prints final accuracy and the mean measured
-upload bytes per client per round, read from each run's metrics.jsonl.
+upload bytes per client per round, read from each run's metrics.jsonl. A setting may
+change run-config keys after ``;`` (TOML values), e.g. ``"LoRA + 8-bit=q8; lora=true
+learning-rate=5e-4"``: the ratio column always divides by the dense float32 upload of
+the *first* row, so a row that exchanges fewer parameters is compared with the full
+dense upload.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import argparse
 import statistics
 import tempfile
 import time
+import tomllib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -94,7 +100,11 @@ def codec_part(args: argparse.Namespace, settings: OrderedDict) -> None:
     print("| setting | chain | upload bytes | x fewer than dense fp32 | rel. L2 error | "
           "encode s/client | server decode s/100 uploads |")
     print("|---|---|---|---|---|---|---|")
-    for label, chain in settings.items():
+    for label, setting in settings.items():
+        chain, overrides = parse_setting(setting)
+        if overrides:
+            print(f"| {label} | `{setting}` | (run-config overrides: federated part only) |")
+            continue
         codec = build_codec(chain, np.random.default_rng(0))
         encode_times = []
         for _ in range(args.encode_repeats):
@@ -124,30 +134,46 @@ def federated_part(args: argparse.Namespace, settings: OrderedDict) -> None:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
-    for label, chain in settings.items():
+    for label, setting in settings.items():
+        chain, overrides = parse_setting(setting)
         started = time.time()
-        config = {**run_config(args), "upload-codec": chain, "output-dir": str(args.output_dir),
+        config = {**run_config(args), **overrides, "upload-codec": chain,
+                  "output-dir": str(args.output_dir),
                   "run-name": f"compression-{stamp}-{len(rows)}"}
         folder = run_federated(config, args.clients,
                                Path(tempfile.mkdtemp(prefix="sepal-bench-")), {"num-cpus": 1})
         rounds = read_metrics(folder)[1:]
         per_client = [b for r in rounds for b in r["bytes_up_per_client"].values()]
-        rows.append((label, chain, rounds[-1], float(np.mean(per_client)),
+        rows.append((label, setting, rounds[-1], float(np.mean(per_client)),
                      rounds[-1]["bytes_up_dense_fp32"], time.time() - started))
         print(f"{label}: accuracy {rounds[-1]['accuracy']:.4f}, "
               f"{np.mean(per_client):,.0f} B/client/round ({time.time() - started:.0f} s)",
               flush=True)
-    base_accuracy = rows[0][2]["accuracy"]
+    base_accuracy, dense = rows[0][2]["accuracy"], rows[0][4]
     print(f"\nSST-2 ({args.train_examples} train sentences, dev 872), {args.model}, "
           f"{args.clients} clients, Dirichlet a={args.alpha}, {args.rounds} rounds x 1 epoch, "
           f"lr {args.learning_rate}, seq 64")
     print("| setting | chain | upload B/client/round | x fewer than dense fp32 | accuracy | "
           "vs first row (points) | wall s |")
     print("|---|---|---|---|---|---|---|")
-    for label, chain, last, mean_up, dense, seconds in rows:
-        print(f"| {label} | `{chain}` | {mean_up:,.0f} | {dense / mean_up:.1f} | "
+    for label, setting, last, mean_up, _, seconds in rows:
+        print(f"| {label} | `{setting}` | {mean_up:,.0f} | {dense / mean_up:.1f} | "
               f"{last['accuracy']:.4f} | {100 * (last['accuracy'] - base_accuracy):+.2f} | "
               f"{seconds:.0f} |")
+
+
+def parse_setting(setting: str) -> tuple[str, dict]:
+    """``"CHAIN; key=value ..."`` -> (chain, run-config overrides)."""
+    chain, _, rest = setting.partition(";")
+    overrides = {}
+    for pair in rest.split():
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as error:
+            raise SystemExit(f"--settings: {pair!r} in {setting!r} is not KEY=TOML-VALUE "
+                             f"({error})") from error
+    return chain.strip(), overrides
 
 
 def main() -> None:

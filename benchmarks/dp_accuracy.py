@@ -2,12 +2,15 @@
 
     python -m benchmarks.dp_accuracy [--clients 10] [--rounds 3] [--train-examples 2000]
                                      [--epsilon 8] [--delta 1e-5] [--model minilm]
+                                     [--lora] [--learning-rate 5e-5] [--batch-size 16]
+                                     [--local-epochs 1] [--max-grad-norm 1.0]
                                      [--cpus-per-client 1]
 
 Two federated runs on Flower's simulation engine with identical settings (Dirichlet
 alpha=0.5 shares of the first ``--train-examples`` SST-2 training sentences, evaluated on
 the 872-sentence dev set) except that the second trains every client under Opacus DP-SGD
-with ε = ``--epsilon`` per client at δ = ``--delta`` over the whole run. Prints a table.
+with ε = ``--epsilon`` per client at δ = ``--delta`` over the whole run. ``--lora`` makes
+both runs fine-tune LoRA adapters + classifier (the cheap DP mode). Prints a table.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--lora", action="store_true")
     parser.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "outputs")
     parser.add_argument("--cpus-per-client", type=int, default=1,
                         help="Ray CPUs per virtual client (2 on 2 cores: one client at a time)")
@@ -42,15 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     common = {
         "model": args.model, "dataset": str(SST2), "test-split": "dev",
         "max-train-examples": args.train_examples, "partitioner": "dirichlet",
-        "dirichlet-alpha": 0.5, "num-server-rounds": args.rounds, "local-epochs": 1,
-        "learning-rate": args.learning_rate, "batch-size": 16, "max-seq-length": 64,
+        "dirichlet-alpha": 0.5, "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
+        "learning-rate": args.learning_rate, "batch-size": args.batch_size, "max-seq-length": 64,
+        "lora": args.lora,
         "min-train-nodes": args.clients, "min-available-nodes": args.clients,
         "output-dir": str(args.output_dir),
     }
     runs = {
         "federated, no DP": {},
         f"federated, DP-SGD ε={args.epsilon:g}": {
-            "dp-sgd": True, "dp-target-epsilon": args.epsilon, "dp-delta": args.delta},
+            "dp-sgd": True, "dp-target-epsilon": args.epsilon, "dp-delta": args.delta,
+            "dp-max-grad-norm": args.max_grad_norm},
     }
     rows = []
     for label, extra in runs.items():
@@ -65,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                      time.time() - started, folder))
 
     print(f"\nSST-2, {args.clients} clients, Dirichlet alpha=0.5 over {args.train_examples} "
-          f"training sentences, {args.rounds} rounds x 1 local epoch, model {args.model}, "
-          f"dev set (872)\n")
+          f"training sentences, {args.rounds} rounds x {args.local_epochs} local epoch(s), "
+          f"model {args.model}{' + LoRA' if args.lora else ''}, batch {args.batch_size}, "
+          f"lr {args.learning_rate:g}, clip {args.max_grad_norm:g}, dev set (872)\n")
     print("| run | accuracy | macro-F1 | max client ε (δ) | wall time | outputs |")
     print("|---|---|---|---|---|---|")
     for label, last, epsilon, seconds, folder in rows:

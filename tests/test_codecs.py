@@ -173,6 +173,22 @@ def test_topk_keeps_the_largest_entries_exactly(chain):
     assert error <= (1 - fraction) * total
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_topk_sends_small_tensors_whole_and_spends_its_budget_on_the_rest(scope):
+    update = make_update()
+    decoded, params = roundtrip(f"topk:0.05:{scope}:96", update)
+    small = [k for k, x in update.items() if x.size <= 96]
+    assert small == ["layer.bias", "classifier.weight"]
+    for name in small:
+        assert np.array_equal(decoded[name], update[name])
+    large = [k for k in update if k not in small]
+    kept = sum(int((decoded[k] != 0).sum()) for k in large)
+    if scope == "global":
+        assert kept == int(np.ceil(0.05 * sum(update[k].size for k in large)))
+    else:
+        assert kept == sum(int(np.ceil(0.05 * update[k].size)) for k in large)
+
+
 def test_topk_with_quantized_values_bounds_kept_and_dropped_entries():
     update = make_update()
     decoded, params = roundtrip("topk:0.05:tensor,q4:0", update)
@@ -205,6 +221,7 @@ def test_chains_parse_in_any_order_into_one_pipeline():
     assert (spec.topk, spec.topk_scope, spec.bits, spec.block, spec.error_feedback,
             spec.lossless) == (0.001, "tensor", 4, 128, True, "zlib")
     assert parse_chain("topk:0.01").topk_scope == "global"
+    assert parse_chain("topk:0.01:global:4096").topk_whole_below == 4096
     assert parse_chain("dense") == parse_chain("dense")
     assert CompressionConfig.from_mapping({"upload-codec": "topk:100,ef,q8"}).upload_codec
 
@@ -216,6 +233,7 @@ def test_chains_parse_in_any_order_into_one_pipeline():
     ("topk:0", "topk needs a fraction"),
     ("topk:1.5", "topk needs a fraction"),
     ("topk:0.1:layer", "scope must be one of"),
+    ("topk:0.1:global:big", "whole-tensor size of topk must be a whole number"),
     ("ef", "'ef' needs a lossy stage"),
     ("dense,q8", "'dense' cannot be combined"),
     ("q8,q4", "stage 'q' appears twice"),

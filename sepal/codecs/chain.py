@@ -3,8 +3,9 @@
 A chain is written as comma-separated stages, e.g. ``"topk:0.01,ef,q4,zlib"``:
 
 ``dense``               float32, uncompressed (the default; alone or with a lossless pass)
-``topk:K[:SCOPE]``      keep the K largest-magnitude entries: ``0 < K < 1`` a fraction,
-                        ``K >= 1`` a count; SCOPE ``global`` (default) or ``tensor``
+``topk:K[:SCOPE[:WHOLE]]`` keep the K largest-magnitude entries: ``0 < K < 1`` a
+                        fraction, ``K >= 1`` a count; SCOPE ``global`` (default) or
+                        ``tensor``; tensors of at most WHOLE elements (default 0) go whole
 ``qB[:BLOCK]``          stochastic quantization to B = 8, 4 or 2 bits, one scale per
                         BLOCK values (default 256; 0 = one scale per tensor)
 ``ef``                  error feedback: keep what was not sent, add it next round
@@ -39,6 +40,7 @@ DEFAULT_BLOCK = 256
 class ChainSpec:
     topk: float = 0.0          # 0 = off; < 1 a fraction, >= 1 a count
     topk_scope: str = "global"
+    topk_whole_below: int = 0  # tensors of at most this many elements are sent whole
     bits: int = 0              # 0 = float32 values
     block: int = DEFAULT_BLOCK
     error_feedback: bool = False
@@ -76,7 +78,7 @@ def parse_chain(text: str, key: str = "upload-codec") -> ChainSpec:
         else:
             raise ConfigError(
                 f"run config '{key}': unknown stage {stage!r} in {text!r} (stages: dense, "
-                "topk:K[:global|tensor], q8|q4|q2[:BLOCK], ef, zlib, lzma, zstd)")
+                "topk:K[:global|tensor[:WHOLE]], q8|q4|q2[:BLOCK], ef, zlib, lzma, zstd)")
     spec = ChainSpec(**fields)
     if "dense" in seen and spec.lossy:
         raise ConfigError(f"run config '{key}': 'dense' cannot be combined with topk or "
@@ -95,7 +97,7 @@ def build_codec(spec: str | ChainSpec, rng: np.random.Generator | None = None) -
               if spec.bits else Float32Values())
     codec: Codec
     if spec.topk > 0:
-        codec = TopKCodec(spec.topk, spec.topk_scope, values)
+        codec = TopKCodec(spec.topk, spec.topk_scope, values, spec.topk_whole_below)
     elif spec.bits:
         codec = QuantizedCodec(values)
     else:
@@ -130,7 +132,8 @@ def decode_upload(payload: ArrayRecord, params: ConfigRecord, shapes: Shapes):
 
 
 def _topk(rest: str, key: str) -> dict:
-    amount, _, scope = rest.partition(":")
+    amount, _, rest = rest.partition(":")
+    scope, _, whole = rest.partition(":")
     try:
         k = float(amount)
     except ValueError:
@@ -142,7 +145,10 @@ def _topk(rest: str, key: str) -> dict:
     if scope not in SCOPES:
         raise ConfigError(f"run config '{key}': topk scope must be one of {SCOPES}, "
                           f"got {scope!r}")
-    return {"topk": k, "topk_scope": scope}
+    if whole and not whole.isdigit():
+        raise ConfigError(f"run config '{key}': the whole-tensor size of topk must be a whole "
+                          f"number of elements >= 0, got {whole!r}")
+    return {"topk": k, "topk_scope": scope, "topk_whole_below": int(whole or 0)}
 
 
 def _quantize(name: str, rest: str, key: str) -> dict:

@@ -5,7 +5,11 @@
 anywhere; tensors with none kept are left out of the upload) or per tensor
 (``scope = "tensor"``: every tensor sends its own top k, so none is starved, but
 large tensors whose update is mostly noise, such as the word embeddings under
-weight decay, take their share of the budget too).
+weight decay, take their share of the budget too). Tensors of at most ``whole_below``
+elements (biases, LayerNorm, a classification head) are sent whole and the budget ``k``
+applies to the rest: under AdamW every coordinate moves by about the learning rate, so
+magnitude alone would starve a freshly initialised head that the model cannot do
+without (the small-layer exemption of Deep Gradient Compression).
 
 Streams: ``indices`` (each tensor's kept positions, delta-encoded varints, see
 :mod:`sepal.codecs.varint`) plus the value coding's streams (float32 or quantized);
@@ -33,10 +37,11 @@ SCOPES = ("global", "tensor")
 class TopKCodec(Codec):
     name = "topk"
 
-    def __init__(self, k: float, scope: str, values: ValueCoding):
+    def __init__(self, k: float, scope: str, values: ValueCoding, whole_below: int = 0):
         self.k = k
         self.scope = scope
         self.values = values
+        self.whole_below = whole_below
 
     def kept(self, size: int) -> int:
         """How many of ``size`` elements the scope keeps."""
@@ -46,13 +51,13 @@ class TopKCodec(Codec):
 
     def select(self, flat: OrderedDict[str, np.ndarray]) -> list[np.ndarray]:
         """Sorted flat indices of the entries kept in each tensor."""
+        whole = [v.size <= self.whole_below for v in flat.values()]
+        sparse = [v for v, w in zip(flat.values(), whole) if not w]
         if self.scope == "tensor":
-            return [_top_indices(np.abs(v), self.kept(v.size)) for v in flat.values()]
-        magnitudes = np.concatenate([np.abs(v) for v in flat.values()])
-        chosen = _top_indices(magnitudes, self.kept(magnitudes.size))
-        bounds = np.cumsum([0] + [v.size for v in flat.values()])
-        cuts = np.searchsorted(chosen, bounds)
-        return [chosen[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(flat))]
+            chosen = iter([_top_indices(np.abs(v), self.kept(v.size)) for v in sparse])
+        else:
+            chosen = iter(_global_top_indices(sparse, self.kept(sum(v.size for v in sparse))))
+        return [np.arange(v.size) if w else next(chosen) for v, w in zip(flat.values(), whole)]
 
     def encode_streams(self, update, state):
         flat = OrderedDict((k, np.asarray(v, dtype=np.float32).ravel()) for k, v in update.items())
@@ -80,6 +85,17 @@ class TopKCodec(Codec):
         for entry, idx, vector in zip(entries, indices, vectors):
             decoded[entry.name].reshape(-1)[idx] = vector
         return decoded
+
+
+def _global_top_indices(tensors: list[np.ndarray], k: int) -> list[np.ndarray]:
+    """Per tensor, the sorted indices of the ``k`` largest magnitudes over all of them."""
+    if not tensors:
+        return []
+    magnitudes = np.concatenate([np.abs(v) for v in tensors])
+    chosen = _top_indices(magnitudes, k)
+    bounds = np.cumsum([0] + [v.size for v in tensors])
+    cuts = np.searchsorted(chosen, bounds)
+    return [chosen[cuts[i]:cuts[i + 1]] - bounds[i] for i in range(len(tensors))]
 
 
 def _top_indices(magnitudes: np.ndarray, k: int) -> np.ndarray:

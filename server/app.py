@@ -71,7 +71,8 @@ def serve(grid: Grid, context: Context) -> Path:
     checkpoints, resume_from = open_checkpoints(
         CheckpointConfig.from_mapping(context.run_config), cfg, run_name, context.run_config)
     output = RunOutput(Path(cfg.output_dir) / run_name,
-                       {**dataclasses.asdict(cfg), **dataclasses.asdict(compression)})
+                       {**dataclasses.asdict(cfg), **dataclasses.asdict(compression),
+                        **dataclasses.asdict(chosen)})
     log.info("run outputs in %s", output.folder.resolve())
 
     initial = get_weights(lora.apply(build_model(cfg.model, label_names, cfg.seed)))

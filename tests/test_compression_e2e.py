@@ -1,6 +1,7 @@
 """End to end with compression on: Flower's simulation engine, tiny BERT, real SST-2.
 
-Uploads are top-1% + 4-bit with error feedback and zlib, downloads 8-bit deltas; the
+Uploads are top-1% + 4-bit with error feedback and zlib, downloads 8-bit deltas, and
+FedAvgM (server momentum) aggregates the decoded updates; the
 metrics must show the measured bytes of every client in every round, and their ratio
 to dense float32.
 """
@@ -16,11 +17,14 @@ from tests.conftest import read_metrics
 
 def test_compressed_run_reports_measured_bytes_per_client_per_round(run_simulation, sst2):
     folder = run_simulation({"upload-codec": "topk:0.01,ef,q4,zlib", "download-codec": "q8",
-                             "num-server-rounds": 3}, num_supernodes=2, name="compressed")
+                             "num-server-rounds": 3, "strategy": "fedavgm",
+                             "strategy-params": "server-momentum=0.5"},
+                            num_supernodes=2, name="compressed")
 
     recorded = json.loads((folder / "config.json").read_text())
     assert recorded["upload_codec"] == "topk:0.01,ef,q4,zlib"
     assert recorded["download_codec"] == "q8"
+    assert recorded["strategy"] == "fedavgm"  # a stateful strategy on decoded updates
 
     rounds = read_metrics(folder)
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]

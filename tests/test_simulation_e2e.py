@@ -1,4 +1,5 @@
-"""End to end on Flower's simulation engine: tiny BERT, real SST-2, 2 rounds."""
+"""End to end on Flower's simulation engine: tiny BERT, real SST-2, 2 rounds of FedProx
+(its proximal term is applied in the clients' loss)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from tests.conftest import read_metrics
 
 
 def test_two_round_simulation_writes_metrics_plot_and_a_loadable_model(run_simulation, sst2):
-    folder = run_simulation(num_supernodes=2)
+    folder = run_simulation({"strategy": "fedprox", "strategy-params": "proximal-mu=0.1"},
+                            num_supernodes=2)
+    assert json.loads((folder / "config.json").read_text())["strategy"] == "fedprox"
 
     rounds = read_metrics(folder)
     assert [r["round"] for r in rounds] == [0, 1, 2]

@@ -41,7 +41,7 @@ def train(msg: Message, context: Context) -> Message:
 
     try:
         privacy = ClientPrivacy.for_node(
-            context, cfg, len(tokenized_node_split(cfg, node, cfg.train_split)))
+            context, cfg, len(tokenized_node_split(cfg, node, cfg.train_split)), config)
     except PrivacyRefusal as refusal:
         return Message(content=refusal.content(), reply_to=msg)
     training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)),

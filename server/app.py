@@ -18,7 +18,7 @@ from sepal.model import build_model, get_weights
 from sepal.privacy import DPSGDSettings, UserLevelDPSettings, check_run_settings
 from sepal.task import centralized_train_split
 from server.central_dp import wrap_with_user_level_dp
-from server.checkpoint import CheckpointConfig, open_checkpoints
+from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger
 from server.evaluation import ServerEvaluator
 from server.privacy_monitor import PrivacyMonitor
 from server.run_output import RunOutput
@@ -68,8 +68,10 @@ def serve(grid: Grid, context: Context) -> Path:
     make_federation = federation_class(context.run_config, strategy)  # refuses bad combinations
     validator = UpdateValidator(ValidationConfig.from_mapping(context.run_config))
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
-    checkpoints, resume_from = open_checkpoints(
-        CheckpointConfig.from_mapping(context.run_config), cfg, run_name, context.run_config)
+    checkpoint_settings = CheckpointConfig.from_mapping(context.run_config)
+    checkpoints, resume_from = open_checkpoints(checkpoint_settings, cfg, run_name,
+                                                context.run_config)
+    ledger = privacy_ledger(run_name, checkpoint_settings, resume_from)
     output = RunOutput(Path(cfg.output_dir) / run_name,
                        {**dataclasses.asdict(cfg), **dataclasses.asdict(compression),
                         **dataclasses.asdict(chosen)})
@@ -78,7 +80,8 @@ def serve(grid: Grid, context: Context) -> Path:
     initial = get_weights(lora.apply(build_model(cfg.model, label_names, cfg.seed)))
     evaluator = ServerEvaluator(cfg, label_names, lora)
     federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
-                                 train_config={"upload-codec": compression.upload_codec},
+                                 train_config={"upload-codec": compression.upload_codec,
+                                               **ledger.to_config()},
                                  downlink=downlink_for(compression),
                                  privacy=PrivacyMonitor(cfg.min_train_nodes, strategy),
                                  validator=validator, checkpoints=checkpoints)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from sepal.config import RunConfig, parse_section, require
+from sepal.privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("sepal.server")
 
@@ -155,11 +156,6 @@ def open_checkpoints(settings: CheckpointConfig, cfg: RunConfig, run_name: str,
     checkpoint to continue from (None when the run has not completed a round yet)."""
     require(bool(cfg.run_name) or not settings.resume, "resume",
             "needs 'run-name': the name of the run to continue")
-    require(not (settings.resume and run_config.get("dp-sgd") is True), "resume",
-            "cannot continue a DP-SGD run: each client's privacy accountant lives in the "
-            "Flower run's context.state, which a resumed run (a new Flower run) starts "
-            "empty, so ε would be counted from zero again; start a new run with the "
-            "remaining budget instead")
     if settings.checkpoint_keep == 0:
         return None, None
     checkpoints = Checkpointer(settings.folder(cfg.output_dir, run_name),
@@ -175,6 +171,16 @@ def open_checkpoints(settings: CheckpointConfig, cfg: RunConfig, run_name: str,
             f"run '{run_name}' already has checkpoints in {checkpoints.folder}: set "
             "resume = true to continue it, or choose another run-name")
     return checkpoints, None
+
+
+def privacy_ledger(run_name: str, settings: CheckpointConfig,
+                   resume_from: Checkpoint | None) -> PrivacyLedger:
+    """The privacy ledger the clients charge this run's ε to: the run's name and, with
+    ``resume``, the first round this run trains. That is round 1 when there is no
+    checkpoint yet: a run killed during round 1 may already have trained some sites."""
+    if not settings.resume:
+        return PrivacyLedger(run_name)
+    return PrivacyLedger(run_name, resume_from.round + 1 if resume_from is not None else 1)
 
 
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:

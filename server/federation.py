@@ -94,6 +94,7 @@ class Federation:
         load_strategy_state(self.strategy, checkpoint.strategy)
         self.validator.load_state_dict(checkpoint.validator)
         self.output.restore(checkpoint.metrics)
+        self.privacy.restore(checkpoint.metrics)
         restore_rng(checkpoint.rng)
         return checkpoint.weights
 

@@ -2,9 +2,11 @@
 
 Clients under DP-SGD report their cumulative ε (sample-level, at their δ) in every reply,
 refusals included; a site whose next round would pass its budget refuses with a code and a
-reason and takes no further part (ε only grows). The run stops cleanly, outputs and model
-written, once fewer sites than ``min-train-nodes`` can still train. With user-level DP the
-server's own accountant adds the user-level ε of the released aggregates.
+reason and takes no further part (ε only grows). So does a site that cannot know what it
+spent before a resume (``ledger-unavailable``, no ε report): it keeps the last ε it
+reported before the interruption. The run stops cleanly, outputs and model written, once
+fewer sites than ``min-train-nodes`` can still train. With user-level DP the server's own
+accountant adds the user-level ε of the released aggregates.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ class PrivacyMonitor:
         self.epsilon: dict[int, float] = {}
         self.stopped_sites: dict[int, Refusal] = {}
         self.stop_reason: str | None = None
+
+    def restore(self, rounds: list[dict[str, Any]]) -> None:
+        """Resume: each site's last reported ε, from the checkpoint's round records."""
+        for record in rounds:
+            for node, epsilon in record.get("epsilon_per_client", {}).items():
+                self.epsilon[int(node)] = float(epsilon)
 
     def round_record(self, decoded: DecodedRound, connected_nodes: int) -> dict[str, Any]:
         """The round's privacy fields for metrics.jsonl; decides whether the run stops."""

@@ -332,7 +332,8 @@ def _node_config_toml(spec: FederationSpec, institution: Institution) -> str:
         lines.append(f"{key} = {_toml_scalar(value)}")
     if "dp-state-dir" not in institution.node_config:
         lines += ["# a durable folder for the privacy accountant, so that a SuperNode restarted",
-                  "# mid-run goes on counting the epsilon it spent (recommended):",
+                  "# mid-run, or a run resumed from a checkpoint, goes on counting the epsilon",
+                  "# it spent (recommended; without it this site does not train in a resumed run):",
                   '# dp-state-dir = "/var/lib/sepal/dp-state"']
     return "\n".join(lines) + "\n"
 

@@ -215,3 +215,21 @@ def test_server_sorts_refusals_and_stops_when_too_few_sites_can_train():
     record = monitor.round_record(again, connected_nodes=3)
     assert record["sites_stopped"] == ["11", "33"]
     assert record["run_stopped"].startswith("only 1 site(s) can still train")
+
+
+def test_a_resumed_run_keeps_the_spent_epsilon_of_a_site_without_its_ledger():
+    """After a resume, a site that cannot know what it spent refuses without an ε report;
+    the record keeps the ε it reported before the interruption, and the site stops."""
+    monitor = PrivacyMonitor(min_train_nodes=1)
+    monitor.restore([{"round": 0}, {"round": 1, "epsilon_per_client": {"11": 1.5, "22": 2.5}},
+                     {"round": 2, "epsilon_per_client": {"11": 2.0, "22": 2.5}}])
+    unavailable = ConfigRecord({"code": "ledger-unavailable", "reason": "set 'dp-state-dir'"})
+    decoded = decode_replies(
+        [answer(11, refusal=unavailable),
+         answer(22, refusal=ConfigRecord({"code": "budget-exhausted", "reason": "cap"}),
+                privacy=ConfigRecord({"epsilon": 2.5, "delta": 1e-5}))],
+        OrderedDict(w=np.zeros(DIM, np.float32)))
+    assert decoded.refused[11].code == "ledger-unavailable" and 11 not in decoded.privacy
+    record = monitor.round_record(decoded, connected_nodes=3)
+    assert record["epsilon_per_client"] == {"11": 2.0, "22": 2.5}
+    assert record["sites_stopped"] == ["11", "22"] and monitor.stop_reason is None

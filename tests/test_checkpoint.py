@@ -36,6 +36,7 @@ from server.checkpoint import (
     Checkpointer,
     capture_rng,
     open_checkpoints,
+    privacy_ledger,
     read_checkpoint,
     restore_rng,
     write_checkpoint,
@@ -125,9 +126,26 @@ def test_a_run_is_identified_by_its_name(tmp_path):
     assert open_checkpoints(settings, cfg, "study", RUN_CONFIG)[1].round == 1
     with pytest.raises(CheckpointError, match="set resume = true to continue it"):
         open_checkpoints(CheckpointConfig(), cfg, "study", RUN_CONFIG)
-    with pytest.raises(ConfigError, match="cannot continue a DP-SGD run"):
-        open_checkpoints(settings, cfg, "study", {**RUN_CONFIG, "dp-sgd": True})
     assert open_checkpoints(CheckpointConfig(checkpoint_keep=0), cfg, "study", {}) == (None, None)
+
+
+def test_a_dp_sgd_run_resumes_on_the_same_privacy_ledger(tmp_path):
+    """DP-SGD runs can be resumed: clients charge ε to the ledger named by the run-name,
+    and learn the round the run resumed at (1 with no checkpoint yet: a run killed in
+    round 1 may have trained some sites)."""
+    cfg = RunConfig(output_dir=str(tmp_path), run_name="study")
+    dp_run = {**RUN_CONFIG, "dp-sgd": True}
+    resume = CheckpointConfig(resume=True)
+    checkpoints, start = open_checkpoints(resume, cfg, "study", dp_run)
+    assert start is None
+    assert privacy_ledger("study", CheckpointConfig(), None).to_config() == {
+        "privacy-ledger": "study"}
+    assert privacy_ledger("study", resume, None).to_config() == {
+        "privacy-ledger": "study", "resumed-at-round": 1}
+    checkpoints.save(_checkpoint(2))
+    _, start = open_checkpoints(resume, cfg, "study", dp_run)
+    assert privacy_ledger("study", resume, start).to_config() == {
+        "privacy-ledger": "study", "resumed-at-round": 3}
 
 
 def _same(a, b) -> bool:

@@ -34,6 +34,7 @@ from sepal.privacy import (
     DPSGDSettings,
     EffectivePrivacy,
     LocalPlan,
+    PrivacyLedger,
     PrivacyRefusal,
     SitePolicy,
     UserLevelDPSettings,
@@ -53,13 +54,19 @@ RUN = {
     "dp-sgd": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5,
 }
 NODE = {"partition-id": 0, "num-partitions": 2}
+LEDGER = PrivacyLedger("study-1")
 
 
-def train_message(server_round: int) -> Message:
+def train_config(server_round: int, ledger: PrivacyLedger = LEDGER) -> ConfigRecord:
+    return ConfigRecord({"label-names": LABELS, "server-round": server_round,
+                         **ledger.to_config()})
+
+
+def train_message(server_round: int, ledger: PrivacyLedger = LEDGER) -> Message:
     weights = get_weights(build_model("tiny-bert", LABELS, 42))
     content = RecordDict({
         wire.ARRAYS_KEY: wire.arrays_to_record(weights),
-        wire.CONFIG_KEY: ConfigRecord({"label-names": LABELS, "server-round": server_round}),
+        wire.CONFIG_KEY: train_config(server_round, ledger),
     })
     metadata = Metadata(run_id=1, message_id=f"train-{server_round}", src_node_id=0,
                         dst_node_id=7, reply_to_message_id="", group_id=str(server_round),
@@ -67,9 +74,11 @@ def train_message(server_round: int) -> Message:
     return Message(content=content, metadata=metadata)
 
 
-def client_context(node_config: dict, state: RecordDict | None = None) -> Context:
-    return Context(run_id=1, node_id=7, node_config=node_config,
-                   state=state if state is not None else RecordDict(), run_config=dict(RUN))
+def client_context(node_config: dict, state: RecordDict | None = None, run_id: int = 1,
+                   **run_config) -> Context:
+    return Context(run_id=run_id, node_id=7, node_config=node_config,
+                   state=state if state is not None else RecordDict(),
+                   run_config={**RUN, **run_config})
 
 
 def independent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -211,20 +220,75 @@ def test_a_site_can_force_dp_and_only_tighten():
 
 def test_a_restarted_supernode_continues_from_its_state_dir(tmp_path):
     """``dp-state-dir``: a fresh context.state (SuperNode restarted mid-run) picks up the
-    accountant the site wrote to disk instead of counting from zero."""
+    accountant the site wrote to disk, under the run's ledger, instead of counting from zero."""
     cfg = RunConfig.from_mapping(RUN)
     node_config = {**NODE, "dp-state-dir": str(tmp_path / "privacy")}
-    first = ClientPrivacy.for_node(client_context(node_config), cfg, 80)
+    first = ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(1))
     for _ in range(5):
         first.accountant.step(noise_multiplier=first.noise_multiplier, sample_rate=0.2)
     first.save(client_context(node_config))
-    assert (tmp_path / "privacy" / "run-1.json").exists()
+    assert [p.name for p in (tmp_path / "privacy").iterdir()] == ["ledger-study-1.json"]
 
-    restarted = ClientPrivacy.for_node(client_context(node_config), cfg, 80)
+    restarted = ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(2))
     assert restarted.steps_taken == 5 and restarted.noise_multiplier == first.noise_multiplier
-    (tmp_path / "privacy" / "run-1.json").write_text("{not json")
+    (tmp_path / "privacy" / "ledger-study-1.json").write_text("{not json")
     with pytest.raises(PrivacyRefusal, match="'dp-state-dir'"):
-        ClientPrivacy.for_node(client_context(node_config), cfg, 80)
+        ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(2))
+
+
+def test_a_resumed_run_continues_the_ledger_from_the_state_dir(tmp_path):
+    """Rounds 1-2 in Flower run 1; the server crashes and resumes the run (same run-name,
+    2 more rounds) as Flower run 2, whose context.state is empty. Round 3 continues the
+    site's ε curve and noise multiplier from its own file: the ε it reports is that of 3
+    rounds of steps, and the noise is not recalibrated for the longer run."""
+    from client.app import train
+
+    node_config = {**NODE, "dp-state-dir": str(tmp_path / "privacy")}
+    context = client_context(node_config)
+    train(train_message(1), context)
+    sigma = train(train_message(2), context).content[wire.PRIVACY_KEY]["noise-multiplier"]
+
+    resumed = client_context(node_config, run_id=2, **{"num-server-rounds": 5})
+    reply = train(train_message(3, PrivacyLedger("study-1", resumed_at_round=3)), resumed)
+    assert wire.UPDATE_KEY in reply.content
+    report = reply.content[wire.PRIVACY_KEY]
+    assert (report["noise-multiplier"], report["steps"]) == (sigma, 15)
+    fresh = RDPAccountant()
+    for _ in range(15):
+        fresh.step(noise_multiplier=sigma, sample_rate=0.2)
+    assert report["epsilon"] == pytest.approx(fresh.get_epsilon(delta=1e-5), rel=1e-9)
+    assert report["epsilon"] == pytest.approx(independent_epsilon(sigma, 0.2, 15, 1e-5),
+                                              rel=1e-3)
+    recalibrated = ClientPrivacy.calibrated(
+        EffectivePrivacy.combine(DPSGDSettings.from_run_config(RUN), SitePolicy()),
+        LocalPlan(80, 16, 1, 5))
+    assert recalibrated.noise_multiplier > sigma  # what a recalibration would have used
+
+
+def test_a_resumed_run_without_a_state_dir_is_refused_not_counted_from_zero(tmp_path):
+    """Without ``dp-state-dir`` the ε spent before the resume lived only in the interrupted
+    Flower run's context.state: the site refuses and does not train."""
+    from client.app import train
+
+    resumed = PrivacyLedger("study-1", resumed_at_round=3)
+    reply = train(train_message(3, resumed), client_context(dict(NODE), run_id=2))
+    assert wire.UPDATE_KEY not in reply.content and wire.PRIVACY_KEY not in reply.content
+    refusal = reply.content[wire.REFUSAL_KEY]
+    assert refusal["code"] == "ledger-unavailable"
+    assert "resumed at round 3" in refusal["reason"] and "'dp-state-dir'" in refusal["reason"]
+
+    cfg = RunConfig.from_mapping(RUN)
+    with pytest.raises(PrivacyRefusal, match="ledger-unavailable: the train config names no"):
+        ClientPrivacy.for_node(client_context(dict(NODE)), cfg, 80, ConfigRecord())
+    # a state dir without this ledger's file: the site never trained in it, starts at zero
+    with_dir = client_context({**NODE, "dp-state-dir": str(tmp_path)}, run_id=2)
+    assert ClientPrivacy.for_node(with_dir, cfg, 80, train_config(3, resumed)).steps_taken == 0
+
+
+def test_a_ledger_file_name_is_safe_for_any_run_name():
+    assert PrivacyLedger("study-1.v2_b").file_name() == "ledger-study-1.v2_b.json"
+    assert PrivacyLedger("../etc/ké y").file_name() == "ledger-.._etc_k__y.json"
+    assert len(PrivacyLedger("x" * 1000).file_name()) == len("ledger-.json") + 200
 
 
 @pytest.mark.parametrize("run_config, node_config, key", [

@@ -10,6 +10,7 @@ from sepal.privacy.config import (
     site_policy,
 )
 from sepal.privacy.engine import ClientPrivacy, LocalPlan, calibrate_noise, check_run_settings
+from sepal.privacy.ledger import PrivacyLedger
 from sepal.privacy.refusal import PrivacyRefusal, Refusal
 from sepal.privacy.user_level import clip_update
 
@@ -18,6 +19,7 @@ __all__ = [
     "DPSGDSettings",
     "EffectivePrivacy",
     "LocalPlan",
+    "PrivacyLedger",
     "PrivacyRefusal",
     "Refusal",
     "SitePolicy",

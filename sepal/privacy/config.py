@@ -97,9 +97,11 @@ class SitePolicy:
     ``dp-delta``                this site's δ (0 = the run's); the smaller of the two is used
     ``dp-force``                train under DP-SGD even when the run does not ask for it
     ``dp-min-noise-multiplier`` floor on the DP-SGD noise multiplier (0 = none)
-    ``dp-state-dir``            a folder where the client also keeps its accountant, so that
-                                a SuperNode restarted mid-run (fresh context.state) goes on
-                                counting from what it spent (empty = context.state only)
+    ``dp-state-dir``            a folder where the client also keeps its accountant, one file
+                                per privacy ledger, so that a SuperNode restarted mid-run or
+                                a resumed run (fresh context.state) goes on counting from
+                                what it spent (empty = context.state only; such a site does
+                                not train in a resumed run)
     """
 
     dp_max_epsilon: float = 0.0

@@ -3,7 +3,9 @@
 Like Opacus' ``PrivacyEngine``, one object owns the privacy state: the noise multiplier
 (calibrated once, at the client's first round) and one accountant for the entire run. In
 deployment every round runs in a fresh ClientApp process, so the state travels in the
-node's ``context.state`` (:meth:`ClientPrivacy.save`/:meth:`ClientPrivacy.for_node`).
+node's ``context.state`` (:meth:`ClientPrivacy.save`/:meth:`ClientPrivacy.for_node`) and,
+with the node config's ``dp-state-dir``, in a file named after the run's privacy ledger
+(``sepal/privacy/ledger.py``), which outlives a SuperNode restart and a resumed run.
 
 Planned steps: Opacus' Poisson loader draws ``ceil(N / B)`` batches per epoch, each example
 with probability ``q = 1 / ceil(N / B)``; the run plans ``T = rounds x local-epochs x
@@ -20,8 +22,9 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context
@@ -32,7 +35,14 @@ from torch.utils.data import DataLoader
 
 from sepal.config import ConfigError, RunConfig
 from sepal.privacy.config import DPSGDSettings, EffectivePrivacy, site_policy
-from sepal.privacy.refusal import BUDGET_EXHAUSTED, INVALID_SETTING, PrivacyRefusal, Refusal
+from sepal.privacy.ledger import PrivacyLedger
+from sepal.privacy.refusal import (
+    BUDGET_EXHAUSTED,
+    INVALID_SETTING,
+    LEDGER_UNAVAILABLE,
+    PrivacyRefusal,
+    Refusal,
+)
 
 STATE_KEY = "dp-sgd"
 
@@ -67,55 +77,63 @@ class ClientPrivacy:
     """Sample-level DP of one client: calibration, accounting, budget, Opacus wrapping."""
 
     def __init__(self, policy: EffectivePrivacy, plan: LocalPlan, noise_multiplier: float,
-                 history: list | tuple = ()):
+                 history: list | tuple = (), state_file: Path | None = None):
         self.policy = policy
         self.plan = plan
         self.noise_multiplier = noise_multiplier
         self.accountant = create_accountant(policy.accountant)
         self.accountant.history = [tuple(entry) for entry in history]
+        self.state_file = state_file  # the ledger's file in dp-state-dir; None = memory only
 
     # -- life cycle ---------------------------------------------------------------------
 
     @classmethod
-    def for_node(cls, context: Context, cfg: RunConfig, num_examples: int) -> ClientPrivacy | None:
+    def for_node(cls, context: Context, cfg: RunConfig, num_examples: int,
+                 train_config: Mapping[str, Any]) -> ClientPrivacy | None:
         """This node's DP-SGD for the round, or None when neither run nor site asks for it.
 
-        Raises :class:`PrivacyRefusal` when the site must not train: impossible settings or
-        a round that would take ε past the site's ``dp-max-epsilon``.
+        Continues the accountant of the privacy ledger the server names in
+        ``train_config``, with its noise multiplier (never recalibrated, even when a
+        resumed run has more rounds). Raises :class:`PrivacyRefusal` when the site must
+        not train: impossible settings, a round that would take ε past the site's
+        ``dp-max-epsilon``, or a ledger whose spent ε this site cannot know.
         """
         try:
             run = DPSGDSettings.from_run_config(context.run_config)
             policy = EffectivePrivacy.combine(run, site_policy(context.node_config, run))
             if policy is None:
                 return None
+            ledger = PrivacyLedger.from_train_config(train_config)
             plan = LocalPlan(num_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds)
-            record = (context.state[STATE_KEY] if STATE_KEY in context.state
-                      else _read_state_file(policy, context.run_id))
-            privacy = (cls.from_record(policy, plan, record) if record is not None
-                       else cls.calibrated(policy, plan))
+            state_file = (Path(policy.state_dir).expanduser() / ledger.file_name()
+                          if policy.state_dir else None)
+            record = _saved_record(context, ledger, state_file)
+            privacy = (cls.from_record(policy, plan, record, state_file) if record is not None
+                       else cls.calibrated(policy, plan, state_file))
         except ConfigError as err:
             raise PrivacyRefusal(Refusal(INVALID_SETTING, str(err))) from err
         privacy.check_budget()
         return privacy
 
     @classmethod
-    def calibrated(cls, policy: EffectivePrivacy, plan: LocalPlan) -> ClientPrivacy:
-        """Start of the run: the noise multiplier for the whole planned run (raises
+    def calibrated(cls, policy: EffectivePrivacy, plan: LocalPlan,
+                   state_file: Path | None = None) -> ClientPrivacy:
+        """Start of the ledger: the noise multiplier for the whole planned run (raises
         ConfigError naming the setting that makes it impossible on this site)."""
         sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan, policy.accountant,
                                 where="this site's")
-        return cls(policy, plan, max(sigma, policy.min_noise_multiplier))
+        return cls(policy, plan, max(sigma, policy.min_noise_multiplier), state_file=state_file)
 
     @classmethod
-    def from_record(cls, policy: EffectivePrivacy, plan: LocalPlan,
-                    record: ConfigRecord) -> ClientPrivacy:
+    def from_record(cls, policy: EffectivePrivacy, plan: LocalPlan, record: ConfigRecord,
+                    state_file: Path | None = None) -> ClientPrivacy:
         if record.get("accountant") != policy.accountant:
             raise ConfigError(
                 f"run config 'dp-accountant' is {policy.accountant!r} but this node's saved "
                 f"privacy state was accounted with {record.get('accountant')!r}")
         # a site that raised its noise floor mid-run gets it from the next round on
         sigma = max(float(record["noise-multiplier"]), policy.min_noise_multiplier)
-        return cls(policy, plan, sigma, json.loads(str(record["history"])))
+        return cls(policy, plan, sigma, json.loads(str(record["history"])), state_file)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({
@@ -128,12 +146,11 @@ class ClientPrivacy:
         """Into the node's context.state and, with ``dp-state-dir``, onto disk."""
         record = self.to_record()
         context.state[STATE_KEY] = record
-        if self.policy.state_dir:
-            path = _state_file(self.policy, context.run_id)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
+        if self.state_file is not None:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
             tmp.write_text(json.dumps(dict(record)), encoding="utf-8")
-            os.replace(tmp, path)
+            os.replace(tmp, self.state_file)
 
     # -- accounting ---------------------------------------------------------------------
 
@@ -278,14 +295,30 @@ def check_run_settings(settings: DPSGDSettings, cfg: RunConfig, num_train_exampl
         raise ConfigError(f"run config {err}") from err
 
 
-def _state_file(policy: EffectivePrivacy, run_id: int) -> Path:
-    return Path(policy.state_dir).expanduser() / f"run-{run_id}.json"
+def _saved_record(context: Context, ledger: PrivacyLedger,
+                  state_file: Path | None) -> ConfigRecord | None:
+    """The ledger's saved accountant; None when this site has not trained in it yet.
+
+    ``context.state`` holds it from the Flower run's earlier rounds, the site's
+    ``dp-state-dir`` across SuperNode restarts and resumed runs. A resumed run starts with
+    an empty ``context.state``, so without a state dir the site cannot know what it spent
+    before the interruption: it refuses rather than count from zero.
+    """
+    if STATE_KEY in context.state:
+        return context.state[STATE_KEY]
+    if state_file is not None:
+        return _read_state_file(state_file)
+    if ledger.resumed:
+        raise PrivacyRefusal(Refusal(LEDGER_UNAVAILABLE, (
+            f"run '{ledger.name}' was resumed at round {ledger.resumed_at_round} as a new "
+            "Flower run, and this site keeps its privacy accountant only in the interrupted "
+            "run's memory (context.state); the ε it spent there is unknown, so it does not "
+            "train rather than count from zero. Set node config 'dp-state-dir' before a run "
+            "starts to keep the accountant on disk across resumes")))
+    return None
 
 
-def _read_state_file(policy: EffectivePrivacy, run_id: int) -> ConfigRecord | None:
-    if not policy.state_dir:
-        return None
-    path = _state_file(policy, run_id)
+def _read_state_file(path: Path) -> ConfigRecord | None:
     if not path.exists():
         return None
     try:

@@ -15,7 +15,8 @@ from sepal import wire
 
 BUDGET_EXHAUSTED = "budget-exhausted"  # the next round would take ε past dp-max-epsilon
 INVALID_SETTING = "invalid-setting"    # the privacy settings are impossible on this site
-CODES = (BUDGET_EXHAUSTED, INVALID_SETTING)
+LEDGER_UNAVAILABLE = "ledger-unavailable"  # the ε already spent in this run is unknown here
+CODES = (BUDGET_EXHAUSTED, INVALID_SETTING, LEDGER_UNAVAILABLE)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,12 +12,13 @@ Every run uses the same seeded IID split of ``--train-examples`` SST-2 sentences
 ``--test-examples`` of the dev set, seeded). Partitions ``0 .. attackers-1`` switch on
 the test-only attack (``test-attack``): ``scale:S`` uploads ``S x update`` (a boosted
 update), ``sign-flip:S`` uploads ``-S x update``; ``none`` is the clean baseline, run
-for FedAvg only (``--clean-for-all`` runs it for every strategy). The
-server's norm check (``validation-norm-multiple``) is off, so the table compares the
-aggregators alone;
-``--with-validation`` adds FedAvg with the check on. Krum and MultiKrum are told the
-number of attackers (``num-malicious-nodes``), the trimmed mean cuts that fraction
-from each end (``beta``). ``--runtime in-process`` serves the same ServerApp and
+for FedAvg only (``--clean-for-all`` runs it for every strategy). The server's norm
+check (``validation-norm-multiple``) is off, so the table compares the aggregators
+alone; ``--with-validation`` adds FedAvg with the check on. Every round samples all
+clients and aggregates when at least the ``clients - attackers`` honest ones sent valid
+updates (``min-train-nodes``), so rejecting the attackers does not skip the round.
+Krum and MultiKrum are told the number of attackers (``num-malicious-nodes``), the
+trimmed mean cuts that fraction from each end (``beta``). ``--runtime in-process`` serves the same ServerApp and
 ClientApp code without Ray (``simulations/inprocess.py``), for a machine too busy for
 Ray to start; the aggregation and the training are the same. Prints a markdown table.
 """
@@ -80,7 +81,8 @@ def main() -> None:
         "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
         "learning-rate": args.learning_rate,
         "batch-size": 16, "max-seq-length": args.max_seq_length, "partitioner": "iid",
-        "min-train-nodes": args.clients, "min-available-nodes": args.clients,
+        # all clients are sampled; a round aggregates once the honest ones are valid
+        "min-train-nodes": args.clients - args.attackers, "min-available-nodes": args.clients,
         "validation-norm-multiple": 0.0,
         "checkpoint-keep": 0, "output-dir": str(args.output_dir), "seed": 42,
     }

@@ -39,7 +39,8 @@ def measure(name: str, steps: int, batch_size: int, seq: int, threads: int) -> d
     from sepal.data import make_loader
     from sepal.lora import LoraSettings
     from sepal.model import build_model
-    from sepal.privacy import ClientPrivacy, DPSGDSettings, EffectivePrivacy, LocalPlan, SitePolicy
+    from sepal.privacy import DPSGDSettings, EffectivePrivacy, SitePolicy
+    from sepal.privacy.engine import ClientPrivacy, LocalPlan
     from sepal.task import NodeData, tokenized_node_split
     from sepal.training import train_epochs
 

@@ -1,83 +1,26 @@
-"""ClientApp: train the global model on this node's data and upload the encoded update."""
+"""ClientApp: train the global model on this node's data and upload the encoded update.
+
+Deployment starts a fresh ClientApp process for every message, and three of the four
+secure-aggregation stages only do cryptography: this module stays free of torch,
+transformers and Opacus, and the train and evaluate handlers import
+``client.training_round`` (which needs them) when they run.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.attack import TestAttack, apply_test_attack
-from client.debug_delay import slow_down_for_tests
-from client.local_training import LocalTraining
 from client.secure_aggregation import register_secure_aggregation
-from sepal import wire
-from sepal.codecs import build_codec
-from sepal.codecs.downlink import receive_global
-from sepal.config import RunConfig
-from sepal.data import DataError, make_loader
-from sepal.lora import LoraSettings
-from sepal.model import resolve_device
-from sepal.privacy import ClientPrivacy, PrivacyRefusal, UserLevelDPSettings, clip_update
-from sepal.task import NodeData, tokenized_node_split
-from sepal.training import evaluate as evaluate_model
 
 app = ClientApp()
-
-CODEC_STATE_KEY = "codec-state"
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = RunConfig.from_mapping(context.run_config)
-    node = NodeData.from_node_config(context.node_config)
-    config = msg.content[wire.CONFIG_KEY]
-    global_weights = receive_global(msg.content, context.state)
-    label_names = list(config["label-names"])
-    server_round = int(config["server-round"])
-    slow_down_for_tests(context.node_config, server_round, msg.metadata.created_at)
+    from client import training_round
 
-    try:
-        privacy = ClientPrivacy.for_node(
-            context, cfg, len(tokenized_node_split(cfg, node, cfg.train_split)), config)
-    except PrivacyRefusal as refusal:
-        return Message(content=refusal.content(), reply_to=msg)
-    training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)),
-                             lora=LoraSettings.from_run_config(context.run_config))
-    stats = training.run(global_weights, server_round, privacy,
-                         proximal_mu=float(config.get("proximal-mu", 0.0)))  # sent by FedProx
-    if privacy:
-        privacy.save(context)
-    update = OrderedDict(
-        (name, (local - global_weights[name]).astype(np.float32))
-        for name, local in training.local_weights().items()
-    )
-    update = apply_test_attack(update, TestAttack.from_mapping(context.run_config), node)
-    clip_metrics = clip_update(update, config, UserLevelDPSettings.from_run_config(context.run_config))
-
-    codec = build_codec(str(config.get("upload-codec", "dense")))
-    state = context.state.get(CODEC_STATE_KEY) if CODEC_STATE_KEY in context.state else None
-    payload, codec_params, new_state = codec.encode(update, state)
-    if new_state is not None:
-        context.state[CODEC_STATE_KEY] = new_state
-
-    metrics = MetricRecord({
-        wire.NUM_EXAMPLES: stats.examples_in_split,
-        "train-loss": stats.loss,
-        "train-accuracy": stats.accuracy,
-        "train-steps": stats.steps,
-        **clip_metrics,
-    })
-    content = RecordDict({
-        wire.UPDATE_KEY: payload,
-        wire.CODEC_KEY: codec_params,
-        wire.METRICS_KEY: metrics,
-    })
-    if privacy:
-        content[wire.PRIVACY_KEY] = privacy.report()
-    return Message(content=content, reply_to=msg)
+    return training_round.train(msg, context)
 
 
 register_secure_aggregation(app, train)
@@ -85,29 +28,6 @@ register_secure_aggregation(app, train)
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg = RunConfig.from_mapping(context.run_config)
-    node = NodeData.from_node_config(context.node_config)
-    config = msg.content[wire.CONFIG_KEY]
-    label_names = list(config["label-names"])
-    device = resolve_device(_node_device(context, cfg))
-    training = LocalTraining(cfg, node, label_names, device,
-                             lora=LoraSettings.from_run_config(context.run_config))
-    training.load(wire.record_to_arrays(msg.content[wire.ARRAYS_KEY]))
-    try:
-        dataset = tokenized_node_split(cfg, node, cfg.test_split)
-    except DataError as err:
-        raise DataError(f"evaluation on this node: {err}") from err
-    stats = evaluate_model(training.model, make_loader(dataset, cfg.batch_size, False, cfg.seed),
-                           device, len(label_names))
-    metrics = MetricRecord({
-        wire.NUM_EXAMPLES: stats.examples,
-        "eval-loss": stats.loss,
-        "eval-accuracy": stats.accuracy,
-        "eval-macro-f1": stats.macro_f1,
-    })
-    return Message(content=RecordDict({wire.METRICS_KEY: metrics}), reply_to=msg)
+    from client import training_round
 
-
-def _node_device(context: Context, cfg: RunConfig) -> str:
-    """A site may pin its device in its node config; otherwise the run's setting."""
-    return str(context.node_config.get("device", cfg.device))
+    return training_round.evaluate(msg, context)

@@ -14,7 +14,7 @@ from sepal.config import RunConfig
 from sepal.data import DataError, make_loader
 from sepal.lora import LoraSettings
 from sepal.model import build_model, get_weights, set_weights
-from sepal.privacy import ClientPrivacy
+from sepal.privacy.engine import ClientPrivacy
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import TrainStats, seed_everything, train_epochs
 

@@ -15,7 +15,8 @@ from sepal.codecs.downlink import downlink_for
 from sepal.config import RunConfig
 from sepal.lora import LoraSettings
 from sepal.model import build_model, get_weights
-from sepal.privacy import DPSGDSettings, UserLevelDPSettings, check_run_settings
+from sepal.privacy import DPSGDSettings, UserLevelDPSettings
+from sepal.privacy.engine import check_run_settings
 from sepal.task import centralized_train_split
 from server.central_dp import wrap_with_user_level_dp
 from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger

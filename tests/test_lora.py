@@ -11,7 +11,8 @@ from sepal.config import ConfigError, RunConfig
 from sepal.data import collate
 from sepal.lora import LoraSettings
 from sepal.model import build_model, exchanged_parameters, get_weights
-from sepal.privacy import ClientPrivacy, DPSGDSettings, EffectivePrivacy, LocalPlan, SitePolicy
+from sepal.privacy import DPSGDSettings, EffectivePrivacy, SitePolicy
+from sepal.privacy.engine import ClientPrivacy, LocalPlan
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import MODEL_INPUTS
 from server.evaluation import ServerEvaluator

@@ -30,17 +30,15 @@ from sepal.data import collate, make_loader
 from sepal.lora import LoraSettings
 from sepal.model import build_model, get_weights
 from sepal.privacy import (
-    ClientPrivacy,
     DPSGDSettings,
     EffectivePrivacy,
-    LocalPlan,
     PrivacyLedger,
     PrivacyRefusal,
     SitePolicy,
     UserLevelDPSettings,
-    check_run_settings,
     site_policy,
 )
+from sepal.privacy.engine import ClientPrivacy, LocalPlan, check_run_settings
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import MODEL_INPUTS
 from tests.conftest import PROJECT_ROOT, SST2

@@ -37,8 +37,9 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 
 from sepal import wire
-from sepal.codecs import build_codec, decode_upload
+from sepal.codecs import build_codec, decode_upload, parse_chain
 from sepal.codecs.measure import dense_upload_size
+from sepal.config import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SST2 = PROJECT_ROOT.parent / "shared" / "data" / "sst2"
@@ -195,6 +196,11 @@ def main() -> None:
     args = parser.parse_args()
     settings = (OrderedDict(s.split("=", 1) for s in args.settings) if args.settings
                 else SETTINGS)
+    for label, setting in settings.items():  # fail before the first (long) run, not after it
+        try:
+            parse_chain(parse_setting(setting)[0])
+        except ConfigError as error:
+            raise SystemExit(f"--settings {label!r}: {error} (a NAME may not contain '=')")
     if args.part in ("codec", "both"):
         codec_part(args, settings)
     if args.part in ("federated", "both"):

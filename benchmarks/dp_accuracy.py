@@ -2,7 +2,8 @@
 
     python -m benchmarks.dp_accuracy [--clients 10] [--rounds 3] [--train-examples 2000]
                                      [--epsilon 8] [--delta 1e-5] [--model minilm]
-                                     [--lora] [--lora-r 8] [--learning-rate 5e-5] [--batch-size 16]
+                                     [--lora] [--lora-r 8] [--lora-target-modules query,value]
+                                     [--learning-rate 5e-5] [--batch-size 16]
                                      [--local-epochs 1] [--max-grad-norm 1.0]
                                      [--cpus-per-client 1]
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-target-modules", default="query,value")
     parser.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "outputs")
     parser.add_argument("--cpus-per-client", type=int, default=1,
                         help="Ray CPUs per virtual client (2 on 2 cores: one client at a time)")
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "dirichlet-alpha": 0.5, "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
         "learning-rate": args.learning_rate, "batch-size": args.batch_size, "max-seq-length": 64,
         "lora": args.lora, "lora-r": args.lora_r,
+        "lora-target-modules": args.lora_target_modules,
         "min-train-nodes": args.clients, "min-available-nodes": args.clients,
         "output-dir": str(args.output_dir),
     }
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nSST-2, {args.clients} clients, Dirichlet alpha=0.5 over {args.train_examples} "
           f"training sentences, {args.rounds} rounds x {args.local_epochs} local epoch(s), "
-          f"model {args.model}{f' + LoRA r={args.lora_r}' if args.lora else ''}, "
+          f"model {args.model}"
+          f"{f' + LoRA r={args.lora_r} on {args.lora_target_modules}' if args.lora else ''}, "
           f"batch {args.batch_size}, "
           f"lr {args.learning_rate:g}, clip {args.max_grad_norm:g}, dev set (872)\n")
     print("| run | accuracy | macro-F1 | max client ε (δ) | wall time | outputs |")

@@ -50,8 +50,9 @@ class LoraSettings:
             return model
         from peft import LoraConfig, TaskType, get_peft_model
 
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [name for name in self.target_modules if name not in present]
+        names = [name for name, _ in model.named_modules()]
+        missing = [target for target in self.target_modules  # matched as peft does
+                   if not any(n == target or n.endswith("." + target) for n in names)]
         require(not missing, "lora-target-modules",
                 f"names modules {missing} that model {type(model).__name__} does not have")
         config = LoraConfig(task_type=TaskType.SEQ_CLS, r=self.lora_r,

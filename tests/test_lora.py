@@ -71,3 +71,14 @@ def test_unknown_target_module_is_a_config_error():
             build_model("tiny-bert", LABELS, 0))
     with pytest.raises(ConfigError, match="'lora-r'"):
         LoraSettings.from_run_config({"lora": True, "lora-r": 0})
+
+
+def test_target_modules_match_a_dotted_path_suffix_as_peft_does():
+    model = LoraSettings(lora=True, lora_r=2, lora_target_modules="pooler.dense").apply(
+        build_model("tiny-bert", LABELS, 0))
+    adapted = {name.split(".lora_")[0] for name, p in model.named_parameters()
+               if p.requires_grad and ".lora_" in name}
+    assert adapted == {"base_model.model.bert.pooler.dense"}  # not every '.dense'
+    with pytest.raises(ConfigError, match="names modules \\['encoder.dense'\\]"):
+        LoraSettings(lora=True, lora_target_modules="encoder.dense").apply(
+            build_model("tiny-bert", LABELS, 0))

@@ -340,3 +340,44 @@ def test_a_site_that_can_never_train_refuses_with_invalid_setting(run_config, no
     assert refusal["code"] == "invalid-setting"
     assert fragment in refusal["reason"]
     assert wire.UPDATE_KEY not in reply.content
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full-ghost", "lora-hooks"])
+def test_without_noise_or_clipping_a_dp_step_is_the_plain_gradient(lora):
+    """Opacus' per-example path around our models (ghost for full fine-tuning, hooks
+    around peft's adapters and head) must reduce to the ordinary mean gradient when
+    sigma = 0 and nothing is clipped; a wrong per-example gradient fails here."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = build_model("tiny-bert", LABELS, 0)
+    if lora:
+        model = LoraSettings(lora=True, lora_r=2).apply(model)
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batch, length = 8, 16
+    inputs = {"input_ids": torch.randint(5, 1000, (batch, length)),
+              "attention_mask": torch.ones(batch, length, dtype=torch.long),
+              "token_type_ids": torch.zeros(batch, length, dtype=torch.long),
+              "position_ids": torch.arange(length).expand(batch, length).contiguous()}
+    labels = torch.randint(0, 2, (batch,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(model(**inputs).logits, labels), params)
+
+    loader = DataLoader(TensorDataset(*inputs.values(), labels), batch_size=batch)
+    hooks, optimizer, *criterion, _ = PrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(params, lr=0.1),
+        criterion=torch.nn.CrossEntropyLoss(), data_loader=loader, noise_multiplier=0.0,
+        max_grad_norm=1e6, poisson_sampling=False, grad_sample_mode="hooks" if lora else "ghost",
+        wrap_model=False)
+    loss_fn = criterion[0] if criterion else torch.nn.CrossEntropyLoss()
+    optimizer.zero_grad()
+    loss_fn(model(**inputs).logits, labels).backward()
+    optimizer.pre_step()
+    hooks.cleanup()
+    for param, expected in zip(params, plain):
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-7)

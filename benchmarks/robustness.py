@@ -18,9 +18,10 @@ alone; ``--with-validation`` adds FedAvg with the check on. Every round samples 
 clients and aggregates when at least the ``clients - attackers`` honest ones sent valid
 updates (``min-train-nodes``), so rejecting the attackers does not skip the round.
 Krum and MultiKrum are told the number of attackers (``num-malicious-nodes``), the
-trimmed mean cuts that fraction from each end (``beta``). ``--runtime in-process`` serves the same ServerApp and
-ClientApp code without Ray (``simulations/inprocess.py``), for a machine too busy for
-Ray to start; the aggregation and the training are the same. Prints a markdown table.
+trimmed mean cuts that fraction from each end (``beta``). ``--runtime in-process``
+serves the same ServerApp and ClientApp code without Ray (``simulations/inprocess.py``),
+for a machine too busy for Ray to start; the aggregation and the training are the same.
+Prints a markdown table.
 """
 
 from __future__ import annotations

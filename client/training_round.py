@@ -52,7 +52,8 @@ def train(msg: Message, context: Context) -> Message:
         for name, local in training.local_weights().items()
     )
     update = apply_test_attack(update, TestAttack.from_mapping(context.run_config), node)
-    clip_metrics = clip_update(update, config, UserLevelDPSettings.from_run_config(context.run_config))
+    clip_metrics = clip_update(update, config,
+                               UserLevelDPSettings.from_run_config(context.run_config))
 
     codec = build_codec(str(config.get("upload-codec", "dense")))
     state = context.state.get(CODEC_STATE_KEY) if CODEC_STATE_KEY in context.state else None

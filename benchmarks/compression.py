@@ -70,12 +70,12 @@ def real_update(args: argparse.Namespace):
     """One client's update after a round of local training, and its train metrics."""
     from client.local_training import LocalTraining
     from sepal.config import RunConfig
-    from sepal.model import build_model, get_weights
-    from sepal.task import NodeData
+    from sepal.model import get_weights
+    from sepal.task import NodeData, build_task_model
 
     cfg = RunConfig.from_mapping(run_config(args))
     labels = ["negative", "positive"]
-    initial = get_weights(build_model(cfg.model, labels, cfg.seed))
+    initial = get_weights(build_task_model(cfg, labels))
     node = NodeData(partition_id=args.codec_client, num_partitions=args.clients)
     training = LocalTraining(cfg, node, labels, torch.device("cpu"))
     stats = training.run(initial, server_round=1)

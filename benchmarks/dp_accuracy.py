@@ -2,16 +2,18 @@
 
     python -m benchmarks.dp_accuracy [--clients 10] [--rounds 3] [--train-examples 2000]
                                      [--epsilon 8] [--delta 1e-5] [--model minilm]
+                                     [--pooling auto] [--trainable all]
                                      [--lora] [--lora-r 8] [--lora-target-modules query,value]
                                      [--learning-rate 5e-5] [--batch-size 16]
                                      [--local-epochs 1] [--max-grad-norm 1.0]
                                      [--cpus-per-client 1]
 
 Two federated runs on Flower's simulation engine with identical settings (Dirichlet
-alpha=0.5 shares of the first ``--train-examples`` SST-2 training sentences, evaluated on
+alpha=0.5 shares of the first ``--train-examples`` SST-2 training phrases, evaluated on
 the 872-sentence dev set) except that the second trains every client under Opacus DP-SGD
 with ε = ``--epsilon`` per client at δ = ``--delta`` over the whole run. ``--lora`` makes
-both runs fine-tune LoRA adapters + classifier (the cheap DP mode). Prints a table.
+both runs fine-tune LoRA adapters + classifier, ``--trainable head`` only the classifier on
+the frozen encoder. Prints a table.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--model", default="minilm")
+    parser.add_argument("--pooling", default="auto", choices=("auto", "cls", "mean"))
+    parser.add_argument("--trainable", default="all", choices=("all", "head"))
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--local-epochs", type=int, default=1)
@@ -50,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = {
-        "model": args.model, "dataset": str(SST2), "test-split": "dev",
+        "model": args.model, "pooling": args.pooling, "trainable": args.trainable,
+        "dataset": str(SST2), "test-split": "dev",
         "max-train-examples": args.train_examples, "partitioner": "dirichlet",
         "dirichlet-alpha": 0.5, "num-server-rounds": args.rounds, "local-epochs": args.local_epochs,
         "learning-rate": args.learning_rate, "batch-size": args.batch_size, "max-seq-length": 64,
@@ -78,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                      time.time() - started, folder))
 
     print(f"\nSST-2, {args.clients} clients, Dirichlet alpha=0.5 over {args.train_examples} "
-          f"training sentences, {args.rounds} rounds x {args.local_epochs} local epoch(s), "
-          f"model {args.model}"
+          f"training phrases, {args.rounds} rounds x {args.local_epochs} local epoch(s), "
+          f"model {args.model} (pooling {args.pooling}, trainable {args.trainable})"
           f"{f' + LoRA r={args.lora_r} on {args.lora_target_modules}' if args.lora else ''}, "
           f"batch {args.batch_size}, "
           f"lr {args.learning_rate:g}, clip {args.max_grad_norm:g}, dev set (872)\n")

@@ -13,9 +13,9 @@ from client.proximal import proximal_step
 from sepal.config import RunConfig
 from sepal.data import DataError, make_loader
 from sepal.lora import LoraSettings
-from sepal.model import build_model, get_weights, set_weights
+from sepal.model import get_weights, set_weights
 from sepal.privacy.engine import ClientPrivacy
-from sepal.task import NodeData, tokenized_node_split
+from sepal.task import NodeData, build_task_model, tokenized_node_split
 from sepal.training import TrainStats, seed_everything, train_epochs
 
 
@@ -33,8 +33,7 @@ class LocalTraining:
         self.node = node
         self.label_names = label_names
         self.device = device
-        model = build_model(cfg.model, label_names, cfg.seed)
-        self.model = (lora.apply(model) if lora else model).to(device)
+        self.model = build_task_model(cfg, label_names, lora).to(device)
 
     def load(self, weights: OrderedDict[str, np.ndarray]) -> None:
         set_weights(self.model, weights)

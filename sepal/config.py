@@ -19,6 +19,8 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: str = "minilm"
+    pooling: str = "auto"
+    trainable: str = "all"
     dataset: str = "../shared/data/sst2"
     train_split: str = "train"
     test_split: str = "test"
@@ -48,6 +50,10 @@ class RunConfig:
         return parse_section(cls, values)
 
     def validate(self) -> None:
+        require(self.pooling in ("auto", "cls", "mean"), "pooling",
+                f"must be 'auto', 'cls' or 'mean', got {self.pooling!r}")
+        require(self.trainable in ("all", "head"), "trainable",
+                f"must be 'all' or 'head', got {self.trainable!r}")
         require(self.partitioner in ("iid", "dirichlet"), "partitioner",
                  f"must be 'iid' or 'dirichlet', got {self.partitioner!r}")
         require(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")

@@ -11,9 +11,9 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from sepal.config import RunConfig, parse_section, require
+from sepal.config import ConfigError, RunConfig, parse_section, require
 from sepal.data import TextSplit, TokenizedDataset, load_split, partition
-from sepal.model import load_tokenizer
+from sepal.model import build_model, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,3 +74,13 @@ def tokenized_node_split(cfg: RunConfig, node: NodeData, split: str) -> Tokenize
 @functools.lru_cache(maxsize=2)
 def tokenized_server_test_split(cfg: RunConfig) -> TokenizedDataset:
     return TokenizedDataset(server_test_split(cfg), load_tokenizer(cfg.model), cfg.max_seq_length)
+
+
+def build_task_model(cfg: RunConfig, label_names: list[str], lora=None):
+    """The run's classifier as every side builds it: model, pooling, what is trainable,
+    and LoRA adapters (a ``sepal.lora.LoraSettings``) when the run asks for them."""
+    if lora is not None and lora.lora and cfg.trainable != "all":
+        raise ConfigError(f"run config 'trainable' {cfg.trainable!r} and 'lora' true both say "
+                          "what is trained: LoRA trains adapters + head; use trainable 'all'")
+    model = build_model(cfg.model, label_names, cfg.seed, cfg.pooling, cfg.trainable)
+    return lora.apply(model) if lora is not None else model

@@ -14,10 +14,10 @@ from sepal.codecs import CompressionConfig
 from sepal.codecs.downlink import downlink_for
 from sepal.config import RunConfig
 from sepal.lora import LoraSettings
-from sepal.model import build_model, get_weights
+from sepal.model import get_weights
 from sepal.privacy import DPSGDSettings, UserLevelDPSettings
 from sepal.privacy.engine import check_run_settings
-from sepal.task import centralized_train_split
+from sepal.task import build_task_model, centralized_train_split
 from server.central_dp import wrap_with_user_level_dp
 from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger
 from server.evaluation import ServerEvaluator
@@ -78,7 +78,7 @@ def serve(grid: Grid, context: Context) -> Path:
                         **dataclasses.asdict(chosen)})
     log.info("run outputs in %s", output.folder.resolve())
 
-    initial = get_weights(lora.apply(build_model(cfg.model, label_names, cfg.seed)))
+    initial = get_weights(build_task_model(cfg, label_names, lora))
     evaluator = ServerEvaluator(cfg, label_names, lora)
     federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
                                  train_config={"upload-codec": compression.upload_codec,

@@ -9,8 +9,8 @@ import numpy as np
 from sepal.config import RunConfig
 from sepal.data import make_loader
 from sepal.lora import LoraSettings, exportable
-from sepal.model import build_model, resolve_device, set_weights
-from sepal.task import tokenized_server_test_split
+from sepal.model import resolve_device, set_weights
+from sepal.task import build_task_model, tokenized_server_test_split
 from sepal.training import EvalStats, evaluate
 
 
@@ -19,8 +19,7 @@ class ServerEvaluator:
         self.cfg = cfg
         self.label_names = label_names
         self.device = resolve_device(cfg.device)
-        model = build_model(cfg.model, label_names, cfg.seed)
-        self.model = (lora.apply(model) if lora else model).to(self.device)
+        self.model = build_task_model(cfg, label_names, lora).to(self.device)
         self.loader = make_loader(tokenized_server_test_split(cfg), cfg.batch_size * 4,
                                   shuffle=False, seed=cfg.seed)
 

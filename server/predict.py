@@ -13,6 +13,8 @@ import sys
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import sepal.model  # noqa: F401  (registers the mean-pooling classifier with transformers)
+
 
 def predict(model_dir: str, texts: list[str], max_seq_length: int = 128) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

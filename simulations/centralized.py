@@ -15,8 +15,8 @@ import torch
 
 from sepal.config import RunConfig
 from sepal.data import TokenizedDataset, make_loader
-from sepal.model import build_model, load_tokenizer, resolve_device
-from sepal.task import centralized_train_split, tokenized_server_test_split
+from sepal.model import load_tokenizer, resolve_device
+from sepal.task import build_task_model, centralized_train_split, tokenized_server_test_split
 from sepal.training import evaluate, seed_everything, train_epochs
 from server.run_output import RunOutput
 
@@ -25,10 +25,11 @@ def run_centralized(cfg: RunConfig, folder: Path) -> RunOutput:
     output = RunOutput(folder, {**dataclasses.asdict(cfg), "mode": "centralized"})
     device = resolve_device(cfg.device)
     train_split = centralized_train_split(cfg)
-    model = build_model(cfg.model, train_split.label_names, cfg.seed).to(device)
+    model = build_task_model(cfg, train_split.label_names).to(device)
     train_set = TokenizedDataset(train_split, load_tokenizer(cfg.model), cfg.max_seq_length)
     test_loader = make_loader(tokenized_server_test_split(cfg), cfg.batch_size * 4, False, cfg.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.learning_rate)
     num_labels = len(train_split.label_names)
     started = time.time()
     stats = evaluate(model, test_loader, device, num_labels)

@@ -208,13 +208,14 @@ class ClientPrivacy:
     # -- training -----------------------------------------------------------------------
 
     def grad_sample_mode(self, model: torch.nn.Module) -> str:
-        """Ghost clipping for full fine-tuning; hooks for LoRA, whose few trainable
-        parameters make materialized per-sample gradients cheaper than a second backward."""
+        """Ghost clipping for full fine-tuning; hooks when under a tenth of the parameters
+        train (LoRA, head only): so few per-sample gradients are cheaper to materialize
+        than ghost clipping's second backward pass."""
         if self.policy.grad_sample_mode != "auto":
             return self.policy.grad_sample_mode
-        from peft import PeftModel
-
-        return "hooks" if isinstance(model, PeftModel) else "ghost"
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        return "hooks" if trainable * 10 < total else "ghost"
 
     @contextlib.contextmanager
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -100,3 +100,23 @@ def test_contradictory_or_unknown_model_choices_name_the_key():
         RunConfig.from_mapping({"pooling": "max"})
     with pytest.raises(ConfigError, match="run config 'trainable'"):
         RunConfig.from_mapping({"trainable": "encoder"})
+
+
+def test_minilm_mean_pooling_is_the_checkpoints_own_sentence_embedding():
+    """The real MiniLM: our pooled vector, normalized, is what sentence-transformers encodes."""
+    from sentence_transformers import SentenceTransformer
+
+    from sepal.model import load_tokenizer, packaged_minilm_path
+
+    texts = ["a gorgeous, witty, seductive movie .", "dull"]
+    model = build_model("minilm", LABELS, 0).eval()
+    assert isinstance(model, MeanPoolingBertForSequenceClassification)
+    captured = []
+    model.classifier.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+    encoded = load_tokenizer("minilm")(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        model(**encoded)
+    reference = SentenceTransformer(str(packaged_minilm_path()), device="cpu").encode(
+        texts, convert_to_tensor=True)
+    torch.testing.assert_close(torch.nn.functional.normalize(captured[0], dim=-1), reference,
+                               rtol=1e-4, atol=1e-5)

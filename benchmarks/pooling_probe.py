@@ -25,16 +25,14 @@ SST2 = (PROJECT_ROOT.parent / "shared" / "data" / "sst2").resolve()
 
 @torch.no_grad()
 def encode(model, tokenizer, texts: list[str]) -> torch.Tensor:
+    """What the classifier reads: its input, captured by a forward hook."""
     features = []
+    hook = model.classifier.register_forward_hook(
+        lambda _module, inputs, _output: features.append(inputs[0]))
     for start in range(0, len(texts), 128):
-        batch = tokenizer(texts[start:start + 128], truncation=True, max_length=64,
-                          padding=True, return_tensors="pt")
-        captured = {}
-        hook = model.classifier.register_forward_hook(
-            lambda _m, inputs, _o: captured.setdefault("x", inputs[0]))
-        model(**batch)
-        hook.remove()
-        features.append(captured["x"])
+        model(**tokenizer(texts[start:start + 128], truncation=True, max_length=64,
+                          padding=True, return_tensors="pt"))
+    hook.remove()
     return torch.cat(features)
 
 

@@ -11,8 +11,11 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from sepal.config import ConfigError, RunConfig, parse_section, require
 from sepal.data import TextSplit, TokenizedDataset, load_split, partition
+from sepal.lora import LoraSettings
 from sepal.model import build_model, load_tokenizer
 
 
@@ -76,9 +79,10 @@ def tokenized_server_test_split(cfg: RunConfig) -> TokenizedDataset:
     return TokenizedDataset(server_test_split(cfg), load_tokenizer(cfg.model), cfg.max_seq_length)
 
 
-def build_task_model(cfg: RunConfig, label_names: list[str], lora=None):
+def build_task_model(cfg: RunConfig, label_names: list[str],
+                     lora: LoraSettings | None = None) -> torch.nn.Module:
     """The run's classifier as every side builds it: model, pooling, what is trainable,
-    and LoRA adapters (a ``sepal.lora.LoraSettings``) when the run asks for them."""
+    and LoRA adapters when the run asks for them."""
     if lora is not None and lora.lora and cfg.trainable != "all":
         raise ConfigError(f"run config 'trainable' {cfg.trainable!r} and 'lora' true both say "
                           "what is trained: LoRA trains adapters + head; use trainable 'all'")

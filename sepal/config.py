@@ -12,6 +12,10 @@ from collections.abc import Mapping
 from typing import Any
 
 
+POOLINGS = ("auto", "cls", "mean")
+TRAINABLE = ("all", "head")
+
+
 class ConfigError(ValueError):
     """A run or node setting is missing, of the wrong type or out of range."""
 
@@ -50,10 +54,10 @@ class RunConfig:
         return parse_section(cls, values)
 
     def validate(self) -> None:
-        require(self.pooling in ("auto", "cls", "mean"), "pooling",
-                f"must be 'auto', 'cls' or 'mean', got {self.pooling!r}")
-        require(self.trainable in ("all", "head"), "trainable",
-                f"must be 'all' or 'head', got {self.trainable!r}")
+        require(self.pooling in POOLINGS, "pooling",
+                f"must be one of {POOLINGS}, got {self.pooling!r}")
+        require(self.trainable in TRAINABLE, "trainable",
+                f"must be one of {TRAINABLE}, got {self.trainable!r}")
         require(self.partitioner in ("iid", "dirichlet"), "partitioner",
                  f"must be 'iid' or 'dirichlet', got {self.partitioner!r}")
         require(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")

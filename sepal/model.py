@@ -41,10 +41,10 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from sepal.config import POOLINGS, TRAINABLE
+
 PACKAGED_MINILM = "minilm"
 TINY_BERT = "tiny-bert"
-POOLINGS = ("auto", "cls", "mean")
-TRAINABLE = ("all", "head")
 
 
 class ModelError(ValueError):

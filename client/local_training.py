@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -14,6 +15,7 @@ from sepal.config import RunConfig
 from sepal.data import DataError, make_loader
 from sepal.lora import LoraSettings
 from sepal.model import get_weights, set_weights
+from sepal.optim import LearningRateSchedule, build_optimizer
 from sepal.privacy.engine import ClientPrivacy
 from sepal.task import NodeData, build_task_model, tokenized_node_split
 from sepal.training import TrainStats, seed_everything, train_epochs
@@ -51,16 +53,21 @@ class LocalTraining:
         seed = self.cfg.seed * 1_000_003 + server_round * 1_009 + max(self.node.partition_id, 0)
         seed_everything(seed)
         loader = make_loader(dataset, self.cfg.batch_size, shuffle=True, seed=seed)
-        optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.learning_rate
-        )
+        optimizer = build_optimizer(self.model, self.cfg)
+        steps_per_round = self.cfg.local_epochs * math.ceil(len(dataset) / self.cfg.batch_size)
+        schedule = LearningRateSchedule(self.cfg.lr_schedule,
+                                        total_steps=self.cfg.num_server_rounds * steps_per_round,
+                                        first_step=(server_round - 1) * steps_per_round)
+        stepper = schedule.attach(optimizer)
         if proximal_mu > 0:  # FedProx
             optimizer.register_step_post_hook(proximal_step(self.model, global_weights, proximal_mu))
         session = (privacy.attach(self.model, optimizer, loader) if privacy
                    else nullcontext((optimizer, None, loader)))
         with session as (optimizer, criterion, loader):
             stats = train_epochs(self.model, loader, optimizer, self.cfg.local_epochs, self.device,
-                                 criterion=criterion, description=f"round {server_round}")
+                                 criterion=criterion, description=f"round {server_round}",
+                                 physical_batch_size=self.cfg.physical_batch_size,
+                                 schedule=stepper)
         return LocalStats(**dataclasses.asdict(stats), examples_in_split=len(dataset))
 
     def local_weights(self) -> OrderedDict[str, np.ndarray]:

@@ -8,12 +8,15 @@ bad setting stops the run at start-up with the key's name in the message.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 
 POOLINGS = ("auto", "cls", "mean")
 TRAINABLE = ("all", "head")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "linear")
 
 
 class ConfigError(ValueError):
@@ -41,7 +44,23 @@ class RunConfig:
     fraction_evaluate: float = 0.0
     local_epochs: int = 1
     learning_rate: float = 5e-5
+    head_learning_rate: float = dataclasses.field(default=0.0, metadata={"help": (
+        "Learning rate of the classifier head; 0 uses learning-rate. Under DP-SGD the "
+        "freshly initialized head needs a much larger rate than the encoder or adapters.")})
+    optimizer: str = dataclasses.field(default="adamw", metadata={"help": (
+        "Local optimizer: 'adamw' or 'sgd' (with momentum).")})
+    momentum: float = dataclasses.field(default=0.9, metadata={"help": (
+        "Momentum of the 'sgd' optimizer, in [0, 1).")})
+    weight_decay: float = dataclasses.field(default=0.01, metadata={"help": (
+        "Decoupled weight decay (adamw) or L2 penalty (sgd) of the local optimizer.")})
+    lr_schedule: str = dataclasses.field(default="constant", metadata={"help": (
+        "'constant', or 'linear': decays every learning rate linearly to zero over the "
+        "whole run's planned local steps (all rounds), so later rounds take smaller steps.")})
     batch_size: int = 16
+    physical_batch_size: int = dataclasses.field(default=0, metadata={"help": (
+        "Examples per forward/backward pass; a larger (logical) batch-size is accumulated "
+        "over several passes and makes one optimizer step (under DP-SGD: one noisy step, "
+        "accounted once). 0 = the whole batch in one pass. Bounds memory, not the result.")})
     max_seq_length: int = 64
     seed: int = 42
     device: str = "auto"
@@ -70,6 +89,17 @@ class RunConfig:
         require(self.local_epochs >= 1, "local-epochs", "must be >= 1")
         require(self.learning_rate > 0, "learning-rate", "must be > 0")
         require(self.batch_size >= 1, "batch-size", "must be >= 1")
+        require(self.physical_batch_size >= 0, "physical-batch-size",
+                "must be >= 0 (0 = the whole batch in one pass)")
+        require(math.isfinite(self.learning_rate), "learning-rate", "must be finite")
+        require(math.isfinite(self.head_learning_rate) and self.head_learning_rate >= 0,
+                "head-learning-rate", "must be >= 0 and finite (0 = learning-rate)")
+        require(self.optimizer in OPTIMIZERS, "optimizer",
+                f"must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        require(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)")
+        require(0.0 <= self.weight_decay < 1.0, "weight-decay", "must be in [0, 1)")
+        require(self.lr_schedule in LR_SCHEDULES, "lr-schedule",
+                f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         require(8 <= self.max_seq_length <= 512, "max-seq-length", "must be in [8, 512]")
         require(self.max_train_examples >= 0, "max-train-examples", "must be >= 0 (0 = all)")
         require(self.max_test_examples >= 0, "max-test-examples", "must be >= 0 (0 = all)")

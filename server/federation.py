@@ -32,6 +32,7 @@ from sepal import wire
 from sepal.codecs.downlink import DownlinkBroadcaster
 from sepal.codecs.measure import dense_upload_size, transfer_metrics
 from sepal.config import RunConfig
+from sepal.training import evaluation_record
 from server.checkpoint import Checkpoint, Checkpointer, capture_rng, restore_rng
 from server.evaluation import ServerEvaluator
 from server.privacy_monitor import PrivacyMonitor
@@ -176,9 +177,8 @@ class Federation:
         """Flower samples nodes with the global ``random`` (see the module docstring)."""
         random.seed(f"{self.cfg.seed}-{server_round}-{stage}")
 
-    def _evaluate(self, weights) -> dict[str, float]:
-        stats = self.evaluator(weights)
-        return {"accuracy": stats.accuracy, "macro_f1": stats.macro_f1, "loss": stats.loss}
+    def _evaluate(self, weights) -> dict[str, Any]:
+        return evaluation_record(self.evaluator(weights), self.label_names)
 
     def _federated_evaluation(self, server_round: int, weights) -> dict[str, Any]:
         if self.cfg.fraction_evaluate <= 0:

@@ -8,16 +8,16 @@ federation, evaluated on the same test split after every round-equivalent.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
-
-import torch
 
 from sepal.config import RunConfig
 from sepal.data import TokenizedDataset, make_loader
 from sepal.model import load_tokenizer, resolve_device
+from sepal.optim import LearningRateSchedule, build_optimizer
 from sepal.task import build_task_model, centralized_train_split, tokenized_server_test_split
-from sepal.training import evaluate, seed_everything, train_epochs
+from sepal.training import evaluate, evaluation_record, seed_everything, train_epochs
 from server.run_output import RunOutput
 
 
@@ -28,22 +28,25 @@ def run_centralized(cfg: RunConfig, folder: Path) -> RunOutput:
     model = build_task_model(cfg, train_split.label_names).to(device)
     train_set = TokenizedDataset(train_split, load_tokenizer(cfg.model), cfg.max_seq_length)
     test_loader = make_loader(tokenized_server_test_split(cfg), cfg.batch_size * 4, False, cfg.seed)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.learning_rate)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_round = cfg.local_epochs * math.ceil(len(train_set) / cfg.batch_size)
+    stepper = LearningRateSchedule(cfg.lr_schedule, cfg.num_server_rounds * steps_per_round
+                                   ).attach(optimizer)
     num_labels = len(train_split.label_names)
     started = time.time()
     stats = evaluate(model, test_loader, device, num_labels)
-    output.record_round({"round": 0, "accuracy": stats.accuracy, "macro_f1": stats.macro_f1,
-                         "loss": stats.loss, "elapsed_s": 0.0})
+    output.record_round({"round": 0, **evaluation_record(stats, train_split.label_names),
+                         "elapsed_s": 0.0})
     for server_round in range(1, cfg.num_server_rounds + 1):
         seed_everything(cfg.seed + server_round)
         loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed + server_round)
         train = train_epochs(model, loader, optimizer, cfg.local_epochs, device,
-                             description=f"centralized {server_round}")
+                             description=f"centralized {server_round}",
+                             physical_batch_size=cfg.physical_batch_size, schedule=stepper)
         stats = evaluate(model, test_loader, device, num_labels)
         output.record_round({
-            "round": server_round, "accuracy": stats.accuracy, "macro_f1": stats.macro_f1,
-            "loss": stats.loss, "train_loss": train.loss, "examples": train.examples,
+            "round": server_round, **evaluation_record(stats, train_split.label_names),
+            "train_loss": train.loss, "examples": train.examples,
             "elapsed_s": round(time.time() - started, 3),
         })
     model.save_pretrained(str(output.model_path))

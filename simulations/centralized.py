@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sepal.config import RunConfig
 from sepal.data import TokenizedDataset, make_loader
+from sepal.lora import LoraSettings, exportable
 from sepal.model import load_tokenizer, resolve_device
 from sepal.optim import LearningRateSchedule, build_optimizer
 from sepal.task import build_task_model, centralized_train_split, tokenized_server_test_split
@@ -21,11 +22,12 @@ from sepal.training import evaluate, evaluation_record, seed_everything, train_e
 from server.run_output import RunOutput
 
 
-def run_centralized(cfg: RunConfig, folder: Path) -> RunOutput:
-    output = RunOutput(folder, {**dataclasses.asdict(cfg), "mode": "centralized"})
+def run_centralized(cfg: RunConfig, folder: Path, lora: LoraSettings | None = None) -> RunOutput:
+    output = RunOutput(folder, {**dataclasses.asdict(cfg), "mode": "centralized",
+                                **({"lora": dataclasses.asdict(lora)} if lora else {})})
     device = resolve_device(cfg.device)
     train_split = centralized_train_split(cfg)
-    model = build_task_model(cfg, train_split.label_names).to(device)
+    model = build_task_model(cfg, train_split.label_names, lora).to(device)
     train_set = TokenizedDataset(train_split, load_tokenizer(cfg.model), cfg.max_seq_length)
     test_loader = make_loader(tokenized_server_test_split(cfg), cfg.batch_size * 4, False, cfg.seed)
     optimizer = build_optimizer(model, cfg)
@@ -49,7 +51,7 @@ def run_centralized(cfg: RunConfig, folder: Path) -> RunOutput:
             "train_loss": train.loss, "examples": train.examples,
             "elapsed_s": round(time.time() - started, 3),
         })
-    model.save_pretrained(str(output.model_path))
+    exportable(model).save_pretrained(str(output.model_path))
     load_tokenizer(cfg.model).save_pretrained(str(output.model_path))
     output.close()
     return output

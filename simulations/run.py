@@ -149,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         from sepal.config import RunConfig
         from simulations.centralized import run_centralized
 
-        cfg = RunConfig.from_mapping({**_app_defaults(), **run_config})
-        central = run_centralized(cfg, folder.parent / f"{folder.name}-centralized")
+        from sepal.lora import LoraSettings
+        settings = {**app_defaults(), **run_config}
+        cfg = RunConfig.from_mapping(settings)
+        lora = LoraSettings.from_run_config(settings)
+        central = run_centralized(cfg, folder.parent / f"{folder.name}-centralized",
+                                  lora if lora.lora else None)
         rows.append(("centralized", 1, last_round(central.folder), central.folder))
 
     print(f"\n| mode | clients | rounds | accuracy | macro-F1 | loss | outputs |")
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _app_defaults() -> dict[str, Any]:
+def app_defaults() -> dict[str, Any]:
     with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
         return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
 

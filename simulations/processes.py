@@ -139,7 +139,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def wait_http_health(port: int, process: subprocess.Popen, timeout: float = 60.0,
+def wait_http_health(port: int, process: subprocess.Popen, timeout: float = 300.0,
                      ca_file: Path | None = None) -> None:
     """Wait for ``/health`` on 127.0.0.1:port (HTTPS verified against ``ca_file`` if given)."""
     scheme = "https" if ca_file else "http"

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="split to report on (default: dev; sms_spam has only 'test')")
     parser.add_argument("--rows", default="a,b,c,d", help="comma-separated rows of a..e")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per row (default 1)")
+    parser.add_argument("--first-seed", type=int, default=42)
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--model", help="model override (default: the preset's)")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in [r.strip() for r in args.rows.split(",") if r.strip()]:
         if row not in ROWS:
             parser.error(f"--rows: unknown row {row!r}; choose from {', '.join(ROWS)}")
-        for seed in range(42, 42 + args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             result = run_row(row, base, args.sites, seed, args.output_dir)
             results.append(result)
             with results_file.open("a") as handle:

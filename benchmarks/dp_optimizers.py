@@ -20,7 +20,7 @@ from sepal.data import make_loader
 from sepal.lora import LoraSettings
 from sepal.model import resolve_device
 from sepal.optim import LearningRateSchedule, build_optimizer
-from sepal.privacy.config import EffectivePrivacy
+from sepal.privacy.config import DPSGDSettings, EffectivePrivacy, SitePolicy
 from sepal.privacy.engine import ClientPrivacy, LocalPlan
 from sepal.task import (
     NodeData,
@@ -31,39 +31,40 @@ from sepal.task import (
 from sepal.training import evaluate, seed_everything, train_epochs
 from simulations.run import PROJECT_ROOT
 
-# name -> (trainable, lora, optimizer, learning-rate, head-learning-rate, dp)
-SETTINGS = {
-    "lora-adamw-2e-3-head-5e-2": ("all", True, "adamw", 2e-3, 5e-2, True),
-    "lora-adamw-5e-4-head-5e-2": ("all", True, "adamw", 5e-4, 5e-2, True),
-    "lora-adamw-5e-4-head-5e-3": ("all", True, "adamw", 5e-4, 5e-3, True),
-    "lora-sgd-0.1": ("all", True, "sgd", 0.1, 0.1, True),
-    "head-adamw-5e-2": ("head", False, "adamw", 5e-2, 5e-2, True),
-    "lora-adamw-5e-4-head-5e-3-no-dp": ("all", True, "adamw", 5e-4, 5e-3, False),
+# name -> run-config settings on top of LoRA (r 8, query/value), AdamW, DP-SGD at ε = 8
+SETTINGS: dict[str, dict] = {
+    "lora-adamw-1e-3-head-5e-2": {"learning-rate": 1e-3, "head-learning-rate": 5e-2},
+    "lora-adamw-1e-3-head-5e-2-split-clip-0.25": {
+        "learning-rate": 1e-3, "head-learning-rate": 5e-2, "dp-head-clip-share": 0.25},
+    "lora-adamw-5e-4-head-5e-3": {"learning-rate": 5e-4, "head-learning-rate": 5e-3},
+    "lora-sgd-0.1": {"optimizer": "sgd", "learning-rate": 0.1},
+    "head-adamw-5e-2": {"trainable": "head", "lora": False, "learning-rate": 5e-2},
+    "lora-adamw-5e-4-head-5e-3-no-dp": {"learning-rate": 5e-4, "head-learning-rate": 5e-3,
+                                        "dp-sgd": False, "batch-size": 32},
 }
 
 
 def sweep_one(name: str, examples: int, rounds: int, dataset: str,
               model_name: str = "minilm") -> list[float]:
-    trainable, lora, optimizer, lr, head_lr, dp = SETTINGS[name]
-    cfg = RunConfig.from_mapping({
-        "model": model_name, "dataset": dataset, "test-split": "dev", "trainable": trainable,
-        "max-train-examples": examples, "num-server-rounds": rounds, "optimizer": optimizer,
-        "learning-rate": lr, "head-learning-rate": head_lr, "lr-schedule": "linear",
-        "batch-size": 128 if dp else 32, "physical-batch-size": 32})
+    settings = {"model": model_name, "dataset": dataset, "test-split": "dev", "lora": True,
+                "max-train-examples": examples, "num-server-rounds": rounds,
+                "lr-schedule": "linear", "batch-size": 128, "physical-batch-size": 32,
+                "dp-sgd": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5,
+                "dp-max-grad-norm": 1.0, **SETTINGS[name]}
+    cfg = RunConfig.from_mapping(settings)
+    run_dp = DPSGDSettings.from_run_config(settings)
     device = resolve_device("auto")
     seed_everything(cfg.seed)
     data = tokenized_node_split(cfg, NodeData(partition_id=0, num_partitions=1), "train")
     test = make_loader(tokenized_server_test_split(cfg), 256, False, cfg.seed)
     labels = ["negative", "positive"]
-    model = build_task_model(cfg, labels, LoraSettings(lora=lora)).to(device)
+    model = build_task_model(cfg, labels, LoraSettings.from_run_config(settings)).to(device)
     optimizer_ = build_optimizer(model, cfg)
     steps_per_round = -(-len(data) // cfg.batch_size)
     stepper = LearningRateSchedule("linear", rounds * steps_per_round).attach(optimizer_)
     privacy = None
-    if dp:
-        policy = EffectivePrivacy(target_epsilon=8.0, delta=1e-5, max_epsilon=None,
-                                  min_noise_multiplier=0.0, max_grad_norm=1.0,
-                                  accountant="rdp", grad_sample_mode="auto")
+    if run_dp.dp_sgd:
+        policy = EffectivePrivacy.combine(run_dp, SitePolicy())
         privacy = ClientPrivacy.calibrated(policy, LocalPlan(len(data), cfg.batch_size, 1, rounds))
     accuracies = []
     for server_round in range(1, rounds + 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from sepal.data import collate, make_loader
 from sepal.lora import LoraSettings
 from sepal.model import build_model
 from sepal.optim import LearningRateSchedule, build_optimizer, parameter_groups
-from sepal.privacy.config import EffectivePrivacy
+from sepal.privacy.config import DPSGDSettings, EffectivePrivacy
 from sepal.privacy.engine import ClientPrivacy, LocalPlan
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import per_class_scores, physical_chunks, train_epochs
@@ -181,3 +182,35 @@ def test_per_class_scores_match_their_definitions():
 def test_bad_optimizer_settings_name_their_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         RunConfig.from_mapping({**RUN, key: value})
+
+
+def test_head_and_body_are_clipped_to_their_shares_of_the_bound():
+    cfg = RunConfig.from_mapping(RUN)
+    dataset = node_dataset(cfg)
+    bound, share = 0.05, 0.25
+    policy = dataclasses.replace(no_clipping_policy(bound), head_clip_share=share)
+    privacy = ClientPrivacy(policy, LocalPlan(len(dataset), cfg.batch_size, 1, 1),
+                            noise_multiplier=0.0)
+    model = tiny_model(True)
+    optimizer = build_optimizer(model, cfg)
+    bounds = privacy.group_clip_bounds(model, optimizer)
+    assert float(np.linalg.norm(bounds)) == pytest.approx(bound)
+    assert privacy.grad_sample_mode(model) == "hooks"
+    head = {n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n}
+    one_example = collate([dataset[0]])
+    with privacy.attach(model, optimizer, make_loader(dataset, 16, True, 0)) as (dp_opt, loss, _):
+        train_epochs(model, [one_example], dp_opt, 1, torch.device("cpu"), criterion=loss)
+        scale = dp_opt.expected_batch_size
+        grads = {n: p.grad * scale for n, p in model.named_parameters() if p.requires_grad}
+    head_norm = float(torch.sqrt(sum((g ** 2).sum() for n, g in grads.items() if n in head)))
+    body_norm = float(torch.sqrt(sum((g ** 2).sum() for n, g in grads.items() if n not in head)))
+    assert 0 < head_norm <= bound * share ** 0.5 * (1 + 1e-4)
+    assert 0 < body_norm <= bound * (1 - share) ** 0.5 * (1 + 1e-4)
+    assert head_norm == pytest.approx(bound * share ** 0.5, rel=1e-3), "the head's bound bites"
+
+
+@pytest.mark.parametrize("values", [{"dp-head-clip-share": 1.0},
+                                    {"dp-head-clip-share": 0.5, "dp-grad-sample-mode": "ghost"}])
+def test_a_head_clip_share_opacus_cannot_apply_is_refused(values):
+    with pytest.raises(ConfigError, match="'dp-head-clip-share'"):
+        DPSGDSettings.from_run_config({"dp-sgd": True, **values})

@@ -19,6 +19,7 @@ def test_the_private_preset_runs_and_records_epsilon_secure_sum_bytes_and_classe
     scaled_down.update({
         "model": "tiny-bert", "dataset": str(SST2), "max-train-examples": 480,
         "max-test-examples": 96, "partitioner": "iid", "min-train-nodes": SITES,
+        "min-available-nodes": SITES,
         "num-server-rounds": 2, "batch-size": 64, "physical-batch-size": 16,
         "max-seq-length": 32,
     })

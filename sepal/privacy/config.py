@@ -46,6 +46,13 @@ class DPSGDSettings:
     dp_max_grad_norm: float = 1.0
     dp_accountant: str = "rdp"
     dp_grad_sample_mode: str = "auto"
+    dp_head_clip_share: float = dataclasses.field(default=0.0, metadata={"help": (
+        "Clip the classifier head and the body (encoder or LoRA adapters) separately: the "
+        "head's per-example gradient to C*sqrt(share), the body's to C*sqrt(1 - share), "
+        "each group's bound spread evenly over its tensors (Opacus per-layer clipping), so "
+        "the total sensitivity stays dp-max-grad-norm C. A freshly initialized head's "
+        "gradient is about ten times the adapters' and would otherwise take the whole "
+        "bound. 0 = one flat bound over all trainable parameters.")})
     dp_simulated_site_policy: str = ""
 
     @classmethod
@@ -65,6 +72,11 @@ class DPSGDSettings:
                 f"must be one of {ACCOUNTANTS} (Opacus accountants), got {self.dp_accountant!r}")
         require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp-grad-sample-mode",
                 f"must be one of {GRAD_SAMPLE_MODES}, got {self.dp_grad_sample_mode!r}")
+        require(0.0 <= self.dp_head_clip_share < 1.0, "dp-head-clip-share",
+                f"must be in [0, 1) (0 = flat clipping), got {self.dp_head_clip_share}")
+        require(not (self.dp_head_clip_share > 0 and self.dp_grad_sample_mode == "ghost"),
+                "dp-head-clip-share", "needs per-sample gradients: Opacus ghost clipping "
+                "only clips flat; set dp-grad-sample-mode to 'auto' or 'hooks'")
         self.simulated_site_policies()
 
     def simulated_site_policies(self) -> dict[int, SitePolicy]:
@@ -170,6 +182,7 @@ class EffectivePrivacy:
     accountant: str
     grad_sample_mode: str
     state_dir: str = ""
+    head_clip_share: float = 0.0
 
     @classmethod
     def combine(cls, run: DPSGDSettings, site: SitePolicy) -> EffectivePrivacy | None:
@@ -192,6 +205,7 @@ class EffectivePrivacy:
             accountant=run.dp_accountant,
             grad_sample_mode=run.dp_grad_sample_mode,
             state_dir=site.dp_state_dir,
+            head_clip_share=run.dp_head_clip_share,
         )
 
 

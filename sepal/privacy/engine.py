@@ -34,6 +34,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch.utils.data import DataLoader
 
 from sepal.config import ConfigError, RunConfig
+from sepal.optim import HEAD_MARKER
 from sepal.privacy.config import DPSGDSettings, EffectivePrivacy, site_policy
 from sepal.privacy.ledger import PrivacyLedger
 from sepal.privacy.refusal import (
@@ -213,9 +214,29 @@ class ClientPrivacy:
         than ghost clipping's second backward pass."""
         if self.policy.grad_sample_mode != "auto":
             return self.policy.grad_sample_mode
+        if self.policy.head_clip_share > 0:
+            return "hooks"  # ghost clipping only clips flat
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         return "hooks" if trainable * 10 < total else "ghost"
+
+    def group_clip_bounds(self, model: torch.nn.Module,
+                          optimizer: torch.optim.Optimizer) -> list[float]:
+        """Per-tensor bounds, in the optimizer's parameter order, for head/body clipping.
+
+        The head's tensors share C*sqrt(s) and the body's C*sqrt(1 - s) evenly in squared
+        norm, so the bounds' Euclidean norm, the sensitivity Opacus noises to, is C.
+        """
+        head_ids = {id(p) for name, p in model.named_parameters() if HEAD_MARKER in name}
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.requires_grad]
+        in_head = [id(p) in head_ids for p in params]
+        heads, bodies = sum(in_head), len(params) - sum(in_head)
+        bound, share = self.policy.max_grad_norm, self.policy.head_clip_share
+        if not heads or not bodies:
+            return [bound / math.sqrt(len(params))] * len(params)
+        return [bound * math.sqrt((share / heads) if head else ((1 - share) / bodies))
+                for head in in_head]
 
     @contextlib.contextmanager
     def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -241,10 +262,13 @@ class ClientPrivacy:
                              f"loader holds {len(loader.dataset)}")
         steps_before = self.steps_taken
         model.train()  # Opacus validates the mode; from_pretrained returns eval mode
+        per_group = self.policy.head_clip_share > 0
         wrapped = engine.make_private(
             module=model, optimizer=optimizer, criterion=torch.nn.CrossEntropyLoss(),
             data_loader=private_loader, noise_multiplier=self.noise_multiplier,
-            max_grad_norm=self.policy.max_grad_norm, poisson_sampling=True,
+            max_grad_norm=(self.group_clip_bounds(model, optimizer) if per_group
+                           else self.policy.max_grad_norm),
+            clipping="per_layer" if per_group else "flat", poisson_sampling=True,
             grad_sample_mode=mode, wrap_model=False,
             noise_generator=_os_seeded_generator(device),
         )

@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--model", help="model override (default: the preset's)")
     parser.add_argument("--rounds", type=int, help="num-server-rounds override")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override for every row (repeatable, TOML values)")
     parser.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "outputs" / "utility")
     args = parser.parse_args(argv)
     base = preset_run_config(args.dataset, args.train_examples, args.test_split)
@@ -133,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         base["model"] = args.model
     if args.rounds:
         base["num-server-rounds"] = args.rounds
+    for item in args.set:
+        key, _, value = item.partition("=")
+        base[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     results = []
     results_file = args.output_dir / f"utility-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,8 @@ def predict(model_dir: str, texts: list[str], max_seq_length: int = 128) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sepal-predict",
+                                     description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--model", required=True, help="folder written by a run (…/model)")
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("texts", nargs="*", help="texts to classify (default: stdin lines)")

@@ -140,7 +140,7 @@ def run_federated(run_config: dict[str, Any], num_supernodes: int, workdir: Path
             "--port", str(port), "--control-api-address", f"127.0.0.1:{free_port()}",
             "--disable-runtime-dependency-installation",
         ], env=env, cwd=app_dir)
-        wait_http_health(port, superlink)
+        wait_http_health(port, superlink, timeout=180.0)
         config_file = write_run_config(workdir / "run-config.toml", run_config)
         command = ["flwr", "run", str(app_dir), "sepal-sim", "--stream",
                    "--run-config", str(config_file),
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = run_federated(run_config, num_supernodes, workdir, client_resources(federation),
                                timeout=args.timeout, echo=sys.stdout)
-    except RuntimeError as err:
+    except (RuntimeError, TimeoutError) as err:
         parser.exit(1, f"sepal-simulate: {str(err).splitlines()[0]}\n")
     rows = [("federated", num_supernodes, last_round(folder), folder)]
 

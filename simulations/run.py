@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop the run after this many seconds (default: no limit)")
     parser.add_argument("--version", action="version", version=version_text())
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that the SuperLink started here is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from sepal.config import ConfigError
     from sepal.data import DataError

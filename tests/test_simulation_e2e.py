@@ -25,11 +25,18 @@ def _experiment(tmp_path, run_config: dict) -> str:
     return str(path)
 
 
-def _simulate(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def _simulate(*args: str, timeout: float = 850) -> subprocess.CompletedProcess:
+    """Run sepal-simulate; past ``timeout`` it gets SIGTERM, which stops its SuperLink too."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-    return subprocess.run([sys.executable, "-m", "simulations.run", *args], cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=timeout, env=env,
-                          stdin=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "simulations.run", *args]
+    with subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            stdout, stderr = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def test_two_round_simulation_prints_a_readable_log_and_writes_its_outputs(tmp_path, sst2):

@@ -63,9 +63,9 @@ def measure(name: str, steps: int, batch_size: int, seq: int, threads: int) -> d
         loader = make_loader(data, batch_size, shuffle=True, seed=0)
         if private:
             privacy.plan = LocalPlan(len(data), batch_size, 1, 1)
-        session = (privacy.attach(model, optimizer, loader) if private
+        attached = (privacy.attach(model, optimizer, loader) if private
                    else nullcontext((optimizer, None, loader)))
-        with session as (opt, criterion, batches):
+        with attached as (opt, criterion, batches):
             start = time.perf_counter()
             stats = train_epochs(model, batches, opt, 1, device, criterion=criterion)
             timings.append((time.perf_counter() - start, stats.steps, stats.examples))

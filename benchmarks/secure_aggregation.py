@@ -30,8 +30,8 @@ With ``--repeats N`` every run is repeated and the fastest is reported (the mach
 other jobs only ever add time). Both use the same neighbourhood size (k + 1 shares
 per client) and threshold t; Flower keeps its defaults otherwise (clip 8, 2^22
 levels, masks mod 2^32, int64 on the wire). Flower runs are skipped where
-params * clients > --flower-max-work (memory and time on this shared 2-core
-machine); the table says so.
+params * clients > --flower-max-work (its int64 replies need memory and time
+that grow with both); the table says so.
 """
 
 from __future__ import annotations

@@ -32,8 +32,11 @@ log = logging.getLogger("sepal.client")
 class TestAttack:
     __test__ = False  # not a pytest test class
 
-    test_attack: str = ""
-    test_attack_scale: float = 10.0
+    test_attack: str = dataclasses.field(default="", metadata={
+        "help": "Test-only: partitions that upload a manipulated update, e.g. `\"0:scale, 1:sign-"
+                "flip\"`; never set in a real federation."})
+    test_attack_scale: float = dataclasses.field(default=10.0, metadata={
+        "help": "Test-only: factor of the `test-attack` manipulation."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TestAttack:

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from sepal.config import parse_section, require
 
@@ -23,8 +23,13 @@ log = logging.getLogger("sepal.client")
 
 @dataclasses.dataclass(frozen=True)
 class DebugDelay:
-    debug_delay_s: float = 0.0
-    debug_delay_round: int = 0
+    CONFIG_SOURCE: ClassVar[str] = "node config"
+
+    debug_delay_s: float = dataclasses.field(default=0.0, metadata={
+        "help": "Test-only: hold this node's training until this many seconds after the instruction"
+                " was sent (0 = off)."})
+    debug_delay_round: int = dataclasses.field(default=0, metadata={
+        "help": "Test-only: the round `debug-delay-s` applies to (0 = every round)."})
 
     def validate(self) -> None:
         require(self.debug_delay_s >= 0, "debug-delay-s", "must be >= 0 seconds")

@@ -61,9 +61,9 @@ class LocalTraining:
         stepper = schedule.attach(optimizer)
         if proximal_mu > 0:  # FedProx
             optimizer.register_step_post_hook(proximal_step(self.model, global_weights, proximal_mu))
-        session = (privacy.attach(self.model, optimizer, loader) if privacy
+        attached = (privacy.attach(self.model, optimizer, loader) if privacy
                    else nullcontext((optimizer, None, loader)))
-        with session as (optimizer, criterion, loader):
+        with attached as (optimizer, criterion, loader):
             stats = train_epochs(self.model, loader, optimizer, self.cfg.local_epochs, self.device,
                                  criterion=criterion, description=f"round {server_round}",
                                  physical_batch_size=self.cfg.physical_batch_size,

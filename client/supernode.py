@@ -48,9 +48,18 @@ class ConnectionFailureReasons(logging.Handler):
         return "retrying"
 
 
+ADDS = [
+    "says why a connection to the SuperLink fails (TLS required, nothing listening, "
+    "host name not resolving) instead of retrying silently",
+]
+
+
 def main() -> None:
     from flwr.supernode.cli import flower_supernode
 
+    from sepal.cli import wrapper_preamble
+
+    wrapper_preamble(sys.argv[1:], "sepal-supernode", "flower-supernode", ADDS)
     FLOWER_LOGGER.addHandler(ConnectionFailureReasons(insecure="--insecure" in sys.argv[1:]))
     flower_supernode()
 

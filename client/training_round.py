@@ -12,7 +12,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from client.attack import TestAttack, apply_test_attack
 from client.debug_delay import slow_down_for_tests
 from client.local_training import LocalTraining
-from sepal import wire
+from sepal import logs, wire
 from sepal.codecs import build_codec
 from sepal.codecs.downlink import receive_global
 from sepal.config import RunConfig
@@ -28,6 +28,7 @@ CODEC_STATE_KEY = "codec-state"
 
 
 def train(msg: Message, context: Context) -> Message:
+    logs.quiet_libraries()
     cfg = RunConfig.from_mapping(context.run_config)
     node = NodeData.from_node_config(context.node_config)
     config = msg.content[wire.CONFIG_KEY]
@@ -80,6 +81,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def evaluate(msg: Message, context: Context) -> Message:
+    logs.quiet_libraries()
     cfg = RunConfig.from_mapping(context.run_config)
     node = NodeData.from_node_config(context.node_config)
     config = msg.content[wire.CONFIG_KEY]

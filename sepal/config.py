@@ -25,25 +25,55 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    model: str = "minilm"
-    pooling: str = "auto"
-    trainable: str = "all"
-    dataset: str = "../shared/data/sst2"
-    train_split: str = "train"
-    test_split: str = "test"
-    text_column: str = "text"
-    label_column: str = "label"
-    max_train_examples: int = 0
-    max_test_examples: int = 0
-    partitioner: str = "iid"
-    dirichlet_alpha: float = 0.5
-    num_server_rounds: int = 3
-    fraction_train: float = 1.0
-    min_train_nodes: int = 2
-    min_available_nodes: int = 2
-    fraction_evaluate: float = 0.0
-    local_epochs: int = 1
-    learning_rate: float = 5e-5
+    model: str = dataclasses.field(default="minilm", metadata={
+        "help": "`minilm` (all-MiniLM-L6-v2, packaged, offline), `tiny-bert` (2 layers, hidden 64, "
+                "random weights; tests), a local model folder, or a Hugging Face model id."})
+    pooling: str = dataclasses.field(default="auto", metadata={
+        "help": "Sentence representation the classifier reads: `cls` (BERT's pooler on [CLS]), "
+                "`mean` (attention-masked mean of the last hidden states), or `auto` (`mean` when "
+                "the model folder asks for mean tokens, as `minilm` does; else `cls`)."})
+    trainable: str = dataclasses.field(default="all", metadata={
+        "help": "What is fine-tuned and exchanged: `all` parameters, or `head` (the classifier on "
+                "the frozen encoder). With `lora = true` keep `all`."})
+    dataset: str = dataclasses.field(default="../shared/data/sst2", metadata={
+        "help": "A folder of `<split>.csv` files (columns `text,label`, optional "
+                "`label_names.json`) or, online, a Hugging Face dataset id; the server evaluates on"
+                " its test split, simulations partition its train split."})
+    train_split: str = dataclasses.field(default="train", metadata={
+        "help": "Name of the training split (the CSV file stem, or the hub split)."})
+    test_split: str = dataclasses.field(default="test", metadata={
+        "help": "Name of the split the server evaluates the global model on."})
+    text_column: str = dataclasses.field(default="text", metadata={
+        "help": "Column that holds the text."})
+    label_column: str = dataclasses.field(default="label", metadata={
+        "help": "Column that holds the integer label (0 to K-1)."})
+    max_train_examples: int = dataclasses.field(default=0, metadata={
+        "help": "Train on a fixed, seeded subset of this many examples of `dataset` (0 = all); a "
+                "site's own `data-path` is always used whole."})
+    max_test_examples: int = dataclasses.field(default=0, metadata={
+        "help": "Evaluate on a fixed, seeded subset of this many test examples (0 = all)."})
+    partitioner: str = dataclasses.field(default="iid", metadata={
+        "help": "How a simulation splits `dataset` among its sites: `iid` or `dirichlet` (label "
+                "skew)."})
+    dirichlet_alpha: float = dataclasses.field(default=0.5, metadata={
+        "help": "Concentration of the Dirichlet partitioner; smaller means more label skew."})
+    num_server_rounds: int = dataclasses.field(default=3, metadata={
+        "help": "Number of federated rounds."})
+    fraction_train: float = dataclasses.field(default=1.0, metadata={
+        "help": "Fraction of the connected sites sampled to train each round, in (0, 1]."})
+    min_train_nodes: int = dataclasses.field(default=2, metadata={
+        "help": "Fewest sites a round samples; a round with fewer valid updates keeps the global "
+                "model."})
+    min_available_nodes: int = dataclasses.field(default=2, metadata={
+        "help": "Sites that must be connected before the first round starts."})
+    fraction_evaluate: float = dataclasses.field(default=0.0, metadata={
+        "help": "Fraction of sites that also evaluate the global model on their own test split (0 ="
+                " server-side evaluation only)."})
+    local_epochs: int = dataclasses.field(default=1, metadata={
+        "help": "Passes over a site's data per round."})
+    learning_rate: float = dataclasses.field(default=5e-5, metadata={
+        "help": "Learning rate of the local optimizer on every site (of the encoder or the "
+                "LoRA adapters when head-learning-rate is set)."})
     head_learning_rate: float = dataclasses.field(default=0.0, metadata={"help": (
         "Learning rate of the classifier head; 0 uses learning-rate. Under DP-SGD the "
         "freshly initialized head needs a much larger rate than the encoder or adapters.")})
@@ -56,17 +86,27 @@ class RunConfig:
     lr_schedule: str = dataclasses.field(default="constant", metadata={"help": (
         "'constant', or 'linear': decays every learning rate linearly to zero over the "
         "whole run's planned local steps (all rounds), so later rounds take smaller steps.")})
-    batch_size: int = 16
+    batch_size: int = dataclasses.field(default=16, metadata={
+        "help": "Local batch size (the expected batch size under DP-SGD's Poisson sampling)."})
     physical_batch_size: int = dataclasses.field(default=0, metadata={"help": (
         "Examples per forward/backward pass; a larger (logical) batch-size is accumulated "
         "over several passes and makes one optimizer step (under DP-SGD: one noisy step, "
         "accounted once). 0 = the whole batch in one pass. Bounds memory, not the result.")})
-    max_seq_length: int = 64
-    seed: int = 42
-    device: str = "auto"
-    round_timeout: float = 3600.0
-    output_dir: str = "outputs"
-    run_name: str = ""
+    max_seq_length: int = dataclasses.field(default=64, metadata={
+        "help": "Tokens kept per example, 8 to 512; batches are padded to their longest example."})
+    seed: int = dataclasses.field(default=42, metadata={
+        "help": "Seeds model initialisation, subsets, partitions and each site's shuffling."})
+    device: str = dataclasses.field(default="auto", metadata={
+        "help": "`auto` (CUDA when present), `cpu` or `cuda[:N]`; a site may pin its own with node "
+                "config `device`."})
+    round_timeout: float = dataclasses.field(default=3600.0, metadata={
+        "help": "Seconds the server waits for a round's replies; a site that answers later is "
+                "counted as timed out."})
+    output_dir: str = dataclasses.field(default="outputs", metadata={
+        "help": "Folder in which each run writes its own folder of outputs."})
+    run_name: str = dataclasses.field(default="", metadata={
+        "help": "Name of the run's output folder and of its checkpoints (empty = a timestamp and "
+                "the Flower run id); needed to resume."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -22,11 +22,17 @@ from sepal.config import parse_section, require
 
 @dataclasses.dataclass(frozen=True)
 class LoraSettings:
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "query,value"
+    lora: bool = dataclasses.field(default=False, metadata={
+        "help": "Train and exchange LoRA adapters and the classifier head instead of every "
+                "weight."})
+    lora_r: int = dataclasses.field(default=8, metadata={
+        "help": "Rank of the LoRA adapters."})
+    lora_alpha: float = dataclasses.field(default=16.0, metadata={
+        "help": "LoRA scaling numerator (the update is scaled by alpha / r)."})
+    lora_dropout: float = dataclasses.field(default=0.0, metadata={
+        "help": "Dropout on the adapters' input, in [0, 1)."})
+    lora_target_modules: str = dataclasses.field(default="query,value", metadata={
+        "help": "Comma-separated names of the modules that get adapters, e.g. `query,value`."})
 
     @classmethod
     def from_run_config(cls, values: Mapping[str, Any]) -> LoraSettings:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from sepal.config import ConfigError, RunConfig, parse_section, require
-from sepal.data import TextSplit, TokenizedDataset, load_split, partition
+from sepal.data import (TextSplit, TokenizedDataset, is_local, load_split,
+                        partition, read_label_names)
 from sepal.lora import LoraSettings
 from sepal.model import build_model, load_tokenizer
 
@@ -28,9 +30,14 @@ class NodeData:
     run's ``dataset`` cut by the configured partitioner.
     """
 
-    data_path: str = ""
-    partition_id: int = -1
-    num_partitions: int = 0
+    CONFIG_SOURCE: ClassVar[str] = "node config"
+
+    data_path: str = dataclasses.field(default="", metadata={
+        "help": "The site's own CSV folder, used whole (deployment)."})
+    partition_id: int = dataclasses.field(default=-1, metadata={
+        "help": "Which share of the run's `dataset` this node trains on (simulation); -1 = none."})
+    num_partitions: int = dataclasses.field(default=0, metadata={
+        "help": "Number of shares the run's `dataset` is cut into (simulation); 0 = none."})
 
     def validate(self) -> None:
         require(bool(self.data_path) or self.num_partitions >= 1, "data-path",
@@ -61,6 +68,29 @@ def node_split(cfg: RunConfig, node: NodeData, split: str) -> TextSplit:
 def server_test_split(cfg: RunConfig) -> TextSplit:
     split = _cached_split(cfg.dataset, cfg.test_split, cfg.text_column, cfg.label_column)
     return split.head(cfg.max_test_examples, cfg.seed)
+
+
+def run_label_names(cfg: RunConfig) -> list[str]:
+    """The run's class names, as the server learns them: the dataset folder's
+    ``label_names.json``, else the names its test split carries.
+
+    The server needs no train split: a deployment's server folder may hold only the
+    test set it evaluates on.
+    """
+    if is_local(cfg.dataset):
+        names = read_label_names(Path(cfg.dataset).expanduser())
+        if names is not None:
+            return names
+    return server_test_split(cfg).label_names
+
+
+def run_train_size(cfg: RunConfig) -> int | None:
+    """Examples in the run's train split, or None when the dataset has no such split
+    (a deployment's server folder holding only the test set)."""
+    folder = Path(cfg.dataset).expanduser()
+    if is_local(cfg.dataset) and not (folder / f"{cfg.train_split}.csv").exists():
+        return None
+    return len(centralized_train_split(cfg))
 
 
 def centralized_train_split(cfg: RunConfig) -> TextSplit:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from sepal import logs
 from sepal.codecs import CompressionConfig
 from sepal.codecs.downlink import downlink_for
 from sepal.config import RunConfig
@@ -17,12 +17,13 @@ from sepal.lora import LoraSettings
 from sepal.model import get_weights
 from sepal.privacy import DPSGDSettings, UserLevelDPSettings
 from sepal.privacy.engine import check_run_settings
-from sepal.task import build_task_model, centralized_train_split
+from sepal.task import build_task_model, run_label_names, run_train_size
 from server.central_dp import wrap_with_user_level_dp
 from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger
 from server.evaluation import ServerEvaluator
 from server.privacy_monitor import PrivacyMonitor
-from server.run_output import RunOutput
+from server.progress import run_header, run_summary_lines
+from server.run_output import RunOutput, all_settings
 from server.secure_aggregation import federation_class
 from server.validation import UpdateValidator, ValidationConfig
 from strategies import StrategyConfig, build_strategy, strategy_traits
@@ -35,20 +36,19 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    # force: importing Opacus already configured the root logger (WARNING, its format)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        force=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logs.configure()
     serve(grid, context)
 
 
 def serve(grid: Grid, context: Context) -> Path:
     """Everything the ServerApp does for one run; returns the run's output folder."""
+    started = time.time()
     cfg = RunConfig.from_mapping(context.run_config)
     compression = CompressionConfig.from_mapping(context.run_config)
-    train_split = centralized_train_split(cfg)
-    label_names = train_split.label_names
-    check_run_settings(DPSGDSettings.from_run_config(context.run_config), cfg, len(train_split))
+    label_names = run_label_names(cfg)
+    train_size = run_train_size(cfg)
+    if train_size is not None:  # else each client checks against its own data
+        check_run_settings(DPSGDSettings.from_run_config(context.run_config), cfg, train_size)
     lora = LoraSettings.from_run_config(context.run_config)
     chosen = StrategyConfig.from_mapping(context.run_config)
     check_composition(chosen.strategy, strategy_traits(chosen.strategy),
@@ -73,12 +73,13 @@ def serve(grid: Grid, context: Context) -> Path:
     checkpoints, resume_from = open_checkpoints(checkpoint_settings, cfg, run_name,
                                                 context.run_config)
     ledger = privacy_ledger(run_name, checkpoint_settings, resume_from)
-    output = RunOutput(Path(cfg.output_dir) / run_name,
-                       {**dataclasses.asdict(cfg), **dataclasses.asdict(compression),
-                        **dataclasses.asdict(chosen)})
-    log.info("run outputs in %s", output.folder.resolve())
-
-    initial = get_weights(build_task_model(cfg, label_names, lora))
+    output = RunOutput(Path(cfg.output_dir) / run_name, all_settings(context.run_config))
+    model = build_task_model(cfg, label_names, lora)
+    for line in run_header(run_name, cfg, model, len(list(grid.get_node_ids())), chosen,
+                           compression, context.run_config, output.folder.resolve()):
+        log.info(line)
+    initial = get_weights(model)
+    del model
     evaluator = ServerEvaluator(cfg, label_names, lora)
     federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
                                  train_config={"upload-codec": compression.upload_codec,
@@ -88,6 +89,9 @@ def serve(grid: Grid, context: Context) -> Path:
                                  validator=validator, checkpoints=checkpoints)
     final = federation.run(initial, resume_from=resume_from)
     evaluator.export(final, output.model_path)
+    checkpoint_folder = checkpoints.folder if checkpoints is not None else None
+    summary = output.write_summary(time.time() - started, checkpoint_folder)
     output.close()
-    log.info("final model saved to %s", output.model_path.resolve())
+    for line in run_summary_lines(summary):
+        log.info(line)
     return output.folder

@@ -1,6 +1,6 @@
 """Checkpoints after every completed round, and resuming a run from the last good one.
 
-Flower has none (flwr issue #599), so the ServerApp writes its own: one file per
+Flower has no built-in checkpointing, so the ServerApp writes its own: one file per
 round, ``<checkpoint-dir or output-dir>/<run-name>/checkpoints/round-NNNN.ckpt``,
 holding the global model, the round number, the strategy's state
 (``strategies/state.py``: FedAvgM momentum, FedAdam/FedYogi/FedAdagrad moments, DP
@@ -62,9 +62,13 @@ class CheckpointError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    checkpoint_keep: int = 2     # newest checkpoints kept; 0 writes none
-    checkpoint_dir: str = ""     # parent of <run-name>/checkpoints; "" = output-dir
-    resume: bool = False         # continue run-name from its newest intact checkpoint
+    checkpoint_keep: int = dataclasses.field(default=1, metadata={
+        "help": "Newest checkpoints kept, each holding what a resume needs (0 writes none; 2 keeps "
+                "a fallback should the newest be damaged)."})
+    checkpoint_dir: str = dataclasses.field(default="", metadata={
+        "help": "Parent folder of `<run-name>/checkpoints/` (empty = `output-dir`)."})
+    resume: bool = dataclasses.field(default=False, metadata={
+        "help": "Continue the run named `run-name` from its newest intact checkpoint."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> CheckpointConfig:

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import sepal.model  # noqa: F401  (registers the mean-pooling classifier with transformers)
+from sepal.cli import version_text
 
 
 def predict(model_dir: str, texts: list[str], max_seq_length: int = 128) -> list[dict]:
@@ -32,10 +33,12 @@ def predict(model_dir: str, texts: list[str], max_seq_length: int = 128) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sepal-predict",
+                                     description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--model", required=True, help="folder written by a run (…/model)")
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("texts", nargs="*", help="texts to classify (default: stdin lines)")
+    parser.add_argument("--version", action="version", version=version_text())
     args = parser.parse_args(argv)
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:

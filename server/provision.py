@@ -1,7 +1,7 @@
 """``sepal-provision federation.toml --out DIR``: keys, certificates and commands for a federation.
 
 The description names the federation, the address the institutions dial and the
-institutions (see README, "Deployment across institutions")::
+institutions (see docs/deployment.md)::
 
     name = "sepal-demo"
     superlink = "fl.example.org:9093"          # host:port every SuperNode dials

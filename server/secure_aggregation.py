@@ -408,7 +408,7 @@ class SecureAggregation:
         result.totals = totals
         result.contributors = sorted(survivors)
 
-    # -- helpers -----------------------------------------------------------------------
+    # -- internals ---------------------------------------------------------------------
 
     def _exchange(self, state: _RoundState, stage: str, outgoing: list[Message], timeout: float,
                   result: SecureRound, read: Callable[[int, Message], None]) -> list[int]:

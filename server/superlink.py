@@ -12,9 +12,8 @@ to, since SuperNodes then refuse it and the SuperLink would otherwise not know w
 
 And it lets the ``--database`` state wait longer for SQLite locks. Flower sets
 ``busy_timeout`` to 5 s, after which a request fails with "database is locked"; on a
-busy host that dropped the ServerApp's heartbeat and Flower failed the run ("No
-heartbeat received from the task"), seen twice in the deployment tests with the
-machine at load 15-20 on 2 cores. Waiting up to 30 s costs nothing when the host is idle.
+busy host that can drop the ServerApp's heartbeat and Flower then fails the run ("No
+heartbeat received from the task"). Waiting up to 30 s costs nothing when the host is idle.
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ def check_certificate_expiry(argv: list[str], now: datetime.datetime | None = No
     expires = cert.not_valid_after_utc
     if expires <= now:
         log(ERROR, "SuperLink certificate %s expired on %s: every SuperNode will refuse it; "
-            "re-issue it (README, Deployment)", path, expires.isoformat())
+            "re-issue it (docs/deployment.md)", path, expires.isoformat())
     elif cert.not_valid_before_utc > now:
         log(ERROR, "SuperLink certificate %s is not valid before %s", path,
             cert.not_valid_before_utc.isoformat())
@@ -101,9 +100,22 @@ def _option(argv: list[str], name: str) -> str | None:
     return value
 
 
+ADDS = [
+    "logs why a SuperNode's TLS handshake was refused (plaintext, unknown CA, "
+    "expired or mismatched certificate)",
+    "says at start-up when its own certificate (--ssl-certfile) has expired or expires "
+    f"within {EXPIRY_WARNING_DAYS} days",
+    f"waits up to {SQLITE_BUSY_TIMEOUT_MS // 1000} s for SQLite locks on --database "
+    "(Flower: 5 s), so a busy host does not fail runs",
+]
+
+
 def main() -> None:
     from flwr.superlink.cli import flower_superlink
 
+    from sepal.cli import wrapper_preamble
+
+    wrapper_preamble(sys.argv[1:], "sepal-superlink", "flower-superlink", ADDS)
     log_refused_handshakes()
     wait_longer_for_database_locks()
     check_certificate_expiry(sys.argv[1:])

@@ -32,8 +32,12 @@ MIN_UPDATES_FOR_MEDIAN = 3
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
-    validation_norm_multiple: float = 10.0  # 0 switches the norm check off
-    validation_clip_bound: float = 0.0      # > 0: reference norm; 0: the round's median norm
+    validation_norm_multiple: float = dataclasses.field(default=10.0, metadata={
+        "help": "Reject an update whose L2 norm exceeds this multiple of the reference norm (0 "
+                "switches the norm check off)."})
+    validation_clip_bound: float = dataclasses.field(default=0.0, metadata={
+        "help": "The reference norm, e.g. the clipping norm sites apply under DP (0 = the median "
+                "norm of the round's updates)."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ValidationConfig:

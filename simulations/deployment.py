@@ -1,8 +1,7 @@
 """A real Flower deployment on this machine: one SuperLink and N SuperNodes over gRPC/HTTPS.
 
 Used by the deployment tests and benchmarks; it is also the shortest worked example of
-the commands an operator and the institutions run (see README, "Deployment across
-institutions"). Two modes:
+the commands an operator and the institutions run (see docs/deployment.md). Two modes:
 
 - ``LocalDeployment(workdir)``: insecure SuperLink, SuperNodes given a node config;
 - ``LocalDeployment(workdir, federation=DIR)`` with DIR made by ``sepal-provision``:

@@ -25,6 +25,7 @@ OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -36,6 +37,8 @@ def free_port() -> int:
 
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home), **(extra or {})}
+    if os.environ.get("HF_HUB_OFFLINE") == "0":  # the user asked for the hub (a hub dataset)
+        env["HF_HUB_OFFLINE"] = "0"
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     return env

@@ -1,8 +1,7 @@
 """Strategy plug-ins, chosen by name in the run config (``strategy``, ``strategy-params``).
 
 Built-ins wrap ``flwr.serverapp.strategy`` classes; third-party packages register
-more under the ``sepal.strategies`` entry-point group (see README, "Writing a
-strategy plug-in"). ``compatibility`` says which wrappers compose with which
+more under the ``sepal.strategies`` entry-point group (see docs/strategies.md). ``compatibility`` says which wrappers compose with which
 strategy; ``state`` reads and restores a strategy's state for checkpoints.
 """
 

@@ -24,8 +24,12 @@ class StrategyConfig:
     plug-in installed later cannot add keys to this app's pyproject.
     """
 
-    strategy: str = "fedavg"
-    strategy_params: str = ""
+    strategy: str = dataclasses.field(default="fedavg", metadata={
+        "help": "A built-in strategy (`fedavg`, `fedprox`, `fedavgm`, `fedadam`, ...) or an "
+                "installed plug-in, by name."})
+    strategy_params: str = dataclasses.field(default="", metadata={
+        "help": "The strategy's parameters as one string of `name=value` pairs, e.g. `\"eta=0.001, "
+                "beta-1=0.9\"`."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> StrategyConfig:

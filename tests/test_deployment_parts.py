@@ -59,14 +59,17 @@ def test_debug_delay_is_off_unless_set_and_checked():
 
 def test_round_line_has_counts_accuracy_epsilon_bytes_and_seconds():
     record = {"round": 2, "clients": 1, "sampled": 3, "failed": 1, "rejected": 0,
-              "timed_out": 1, "accuracy": 0.8125, "bytes_up_per_client": {"1": 2_000_000},
+              "timed_out": 1, "accuracy": 0.8125, "macro_f1": 0.5,
+              "bytes_up_per_client": {"1": 2_000_000},
               "bytes_down_per_client": {"1": 2_000_000, "2": 2_000_000, "3": 2_000_000},
               "epsilon_per_client": {"1": 1.5, "2": 2.25}, "user_level_epsilon": 0.75,
               "late_discarded": 1, "refused": 1, "wall_time_s": 12.34}
     assert round_line(record, 3) == (
-        "round 2/3, 1/3 answered, 2 failed (1 timed out), 1 refused, accuracy 0.8125, "
-        "eps max 2.25 (sample-level, over clients), user-level eps 0.75, up 2.00 MB, "
-        "down 6.00 MB, 1 late repl(ies) discarded, 12.3s")
+        "round 2/3 |  1/3  answered |  2 failed (1 timed out) |  1 refused | accuracy 0.8125 | "
+        "macro-F1 0.5000 | eps max   2.25 (sample-level) | user-level eps   0.75 | "
+        "up     2.00 MB | down     6.00 MB |   12.3s | 1 late repl(ies) discarded")
+    later = {**record, "round": 3, "clients": 3, "wall_time_s": 3.0, "late_discarded": 0}
+    assert round_line(later, 3).index("accuracy") == round_line(record, 3).index("accuracy")
 
 
 def test_a_node_the_superlink_answers_for_is_failed_under_its_own_id():

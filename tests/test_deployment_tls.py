@@ -152,8 +152,9 @@ def test_three_institutions_with_tls_and_node_auth_survive_a_crash_and_a_slow_no
     assert re.search(rf"round 2: node {by_name['beta']} did not reply within round-timeout",
                      run_log)
     # one line per round with the counts, accuracy, bytes and seconds
-    line = re.search(r"round 2/3, 1/3 answered, 2 failed \((\d) timed out\), 0 refused, "
-                     r"accuracy [0-9.]+, up [0-9.]+ MB, down [0-9.]+ MB, .*[0-9.]+s", run_log)
+    line = re.search(r"round 2/3 \|  1/3  answered \|  2 failed \((\d) timed out\) \|  0 refused "
+                     r"\| accuracy [0-9.]+ .*\| up +[0-9.]+ MB \| down +[0-9.]+ MB \| +[0-9.]+s",
+                     run_log)
     assert line, run_log[-3000:]
     assert (folder / "model" / "model.safetensors").exists()
 

@@ -68,7 +68,7 @@ def test_serverapp_killed_mid_round_resumes_to_the_same_model(tmp_path, sst2):
     spawned: set[psutil.Process] = set()  # Flower starts app processes outside our sessions
     try:
         with LocalDeployment(tmp_path / "deployment") as deployment:
-            # in-memory SuperLink state: its SQLite file hit "database is locked" under load
+            # in-memory SuperLink state: a SQLite file can hit "database is locked" on a busy host
             superlink = deployment.start_superlink(database=Path(":flwr-in-memory:"))
             nodes = [deployment.start_supernode(f"node-{p}", {"partition-id": p,
                                                                "num-partitions": 2})

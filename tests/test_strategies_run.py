@@ -57,8 +57,8 @@ def _client_models(grid, server_round, global_weights):
 def test_builtin_strategy_runs_two_rounds(tmp_path, sst2, name):
     cls, params, state_attributes = BUILTINS[name]
     nodes = NODES.get(name, 2)
-    folder, grid = run_inprocess(tmp_path, {"strategy": name, "strategy-params": params},
-                                 num_nodes=nodes)
+    folder, grid = run_inprocess(tmp_path, {"strategy": name, "strategy-params": params,
+                                            "checkpoint-keep": 2}, num_nodes=nodes)
 
     rounds = read_metrics(folder)
     assert [r["round"] for r in rounds] == [0, 1, 2]

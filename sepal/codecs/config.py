@@ -11,8 +11,11 @@ from sepal.config import ConfigError, parse_section
 
 @dataclasses.dataclass(frozen=True)
 class CompressionConfig:
-    upload_codec: str = "dense"    # chain for client -> server updates
-    download_codec: str = "dense"  # chain for the global model's deltas, server -> clients
+    upload_codec: str = dataclasses.field(default="dense", metadata={
+        "help": "Codec chain for client-to-server updates, e.g. `dense`, `q8`, "
+                "`topk:0.01,ef,q8,zlib` (see Compression)."})
+    download_codec: str = dataclasses.field(default="dense", metadata={
+        "help": "Codec chain for the global model's deltas sent to the sites (no `ef`)."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> CompressionConfig:

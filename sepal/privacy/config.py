@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from flwr.common.config import parse_config_args
 
@@ -40,12 +40,21 @@ class DPSGDSettings:
     It can only tighten a node's own policy, so a server cannot use it to loosen a real site's.
     """
 
-    dp_sgd: bool = False
-    dp_target_epsilon: float = 8.0
-    dp_delta: float = 1e-5
-    dp_max_grad_norm: float = 1.0
-    dp_accountant: str = "rdp"
-    dp_grad_sample_mode: str = "auto"
+    dp_sgd: bool = dataclasses.field(default=False, metadata={
+        "help": "Train every site with sample-level DP-SGD (Opacus)."})
+    dp_target_epsilon: float = dataclasses.field(default=8.0, metadata={
+        "help": "The epsilon each site reaches at `dp-delta` after the whole planned run; the noise"
+                " multiplier is calibrated once from it."})
+    dp_delta: float = dataclasses.field(default=1e-5, metadata={
+        "help": "Delta of the sample-level guarantee; must be below 1 / a site's number of "
+                "examples."})
+    dp_max_grad_norm: float = dataclasses.field(default=1.0, metadata={
+        "help": "Per-example gradients are clipped to this L2 norm."})
+    dp_accountant: str = dataclasses.field(default="rdp", metadata={
+        "help": "Opacus accountant: `rdp` or `prv`."})
+    dp_grad_sample_mode: str = dataclasses.field(default="auto", metadata={
+        "help": "How per-example gradients are computed: `ghost` clipping, `hooks`, or `auto` "
+                "(hooks when under a tenth of the parameters train)."})
     dp_head_clip_share: float = dataclasses.field(default=0.0, metadata={"help": (
         "Clip the classifier head and the body (encoder or LoRA adapters) separately: the "
         "head's per-example gradient to C*sqrt(share), the body's to C*sqrt(1 - share), "
@@ -53,7 +62,10 @@ class DPSGDSettings:
         "the total sensitivity stays dp-max-grad-norm C. A freshly initialized head's "
         "gradient is about ten times the adapters' and would otherwise take the whole "
         "bound. 0 = one flat bound over all trainable parameters.")})
-    dp_simulated_site_policy: str = ""
+    dp_simulated_site_policy: str = dataclasses.field(default="", metadata={
+        "help": "Site policies for simulated sites by partition id, e.g. "
+                "`\"0: dp-max-epsilon=2; 2: dp-force=true\"`; it only tightens a site's own "
+                "policy."})
 
     @classmethod
     def from_run_config(cls, values: Mapping[str, Any]) -> DPSGDSettings:
@@ -116,11 +128,21 @@ class SitePolicy:
                                 not train in a resumed run)
     """
 
-    dp_max_epsilon: float = 0.0
-    dp_delta: float = 0.0
-    dp_force: bool = False
-    dp_min_noise_multiplier: float = 0.0
-    dp_state_dir: str = ""
+    CONFIG_SOURCE: ClassVar[str] = "node config"
+
+    dp_max_epsilon: float = dataclasses.field(default=0.0, metadata={
+        "help": "Cap on this site's cumulative epsilon in a run (0 = no cap); a round that would "
+                "pass it is refused, and a cap turns DP-SGD on."})
+    dp_delta: float = dataclasses.field(default=0.0, metadata={
+        "help": "This site's delta (0 = the run's); the smaller of the two is used."})
+    dp_force: bool = dataclasses.field(default=False, metadata={
+        "help": "Train under DP-SGD even when the run does not ask for it."})
+    dp_min_noise_multiplier: float = dataclasses.field(default=0.0, metadata={
+        "help": "Floor on the DP-SGD noise multiplier (0 = none)."})
+    dp_state_dir: str = dataclasses.field(default="", metadata={
+        "help": "Folder where the site keeps its privacy accountant across SuperNode restarts and "
+                "resumed runs (empty = in memory only; such a site does not train in a resumed "
+                "run)."})
 
     @staticmethod
     def keys() -> set[str]:
@@ -219,13 +241,24 @@ class UserLevelDPSettings:
     to the average.
     """
 
-    user_dp: str = "off"
-    user_dp_noise_multiplier: float = 1.0
-    user_dp_clipping_norm: float = 1.0
-    user_dp_target_quantile: float = 0.5
-    user_dp_clip_norm_lr: float = 0.2
-    user_dp_clipped_count_stddev: float = 0.0
-    user_dp_delta: float = 1e-5
+    user_dp: str = dataclasses.field(default="off", metadata={
+        "help": "User-level DP on the aggregate: `off`, or `server-fixed`, `client-fixed`, `server-"
+                "adaptive`, `client-adaptive` (which side clips, and whether the clipping norm "
+                "adapts)."})
+    user_dp_noise_multiplier: float = dataclasses.field(default=1.0, metadata={
+        "help": "Gaussian noise multiplier of the user-level mechanism (noise std = multiplier x "
+                "clipping norm / sampled sites)."})
+    user_dp_clipping_norm: float = dataclasses.field(default=1.0, metadata={
+        "help": "L2 norm each site's update is clipped to (the initial norm when adaptive)."})
+    user_dp_target_quantile: float = dataclasses.field(default=0.5, metadata={
+        "help": "Adaptive clipping: fraction of updates the norm aims to leave unclipped."})
+    user_dp_clip_norm_lr: float = dataclasses.field(default=0.2, metadata={
+        "help": "Adaptive clipping: learning rate of the clipping norm."})
+    user_dp_clipped_count_stddev: float = dataclasses.field(default=0.0, metadata={
+        "help": "Adaptive clipping: noise on the clipped count (0 = Flower's default, sampled sites"
+                " / 20)."})
+    user_dp_delta: float = dataclasses.field(default=1e-5, metadata={
+        "help": "Delta of the user-level guarantee; must be below 1 / number of sites."})
 
     @classmethod
     def from_run_config(cls, values: Mapping[str, Any]) -> UserLevelDPSettings:

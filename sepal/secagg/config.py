@@ -13,13 +13,24 @@ MAX_VALUE_BITS = 24  # keeps b <= 62 for any realistic federation
 
 @dataclasses.dataclass(frozen=True)
 class SecAggConfig:
-    secure_aggregation: bool = False
-    secagg_clip: float = 0.05          # c: each update coordinate is clipped to [-c, c]
-    secagg_value_bits: int = 16        # q: one client's coordinate in [-(2^(q-1)-1), 2^(q-1)-1]
-    secagg_max_examples: int = 1000    # W: weight = min(examples, W) / W
-    secagg_threshold: float = 0.6      # t = max(2, ceil(fraction * neighbourhood size))
-    secagg_neighbours: int = 0         # k; 0 = 3 ceil(log2 n), complete graph when >= n - 1
-    secagg_stage_timeout: float = 300.0  # seconds per key/share/unmask stage
+    secure_aggregation: bool = dataclasses.field(default=False, metadata={
+        "help": "Sum the updates with SecAgg+ so that the server learns only the sum of a round's "
+                "updates."})
+    secagg_clip: float = dataclasses.field(default=0.05, metadata={
+        "help": "c: every update coordinate is clipped to [-c, c] before it is quantized."})
+    secagg_value_bits: int = dataclasses.field(default=16, metadata={
+        "help": "q: a site's coordinate becomes an integer of q bits (2 to 24), stochastically "
+                "rounded."})
+    secagg_max_examples: int = dataclasses.field(default=1000, metadata={
+        "help": "W: a site's weight in the sum is min(examples, W) / W."})
+    secagg_threshold: float = dataclasses.field(default=0.6, metadata={
+        "help": "Fraction of a site's neighbourhood whose shares rebuild its secrets (at least "
+                "2)."})
+    secagg_neighbours: int = dataclasses.field(default=0, metadata={
+        "help": "Neighbours per site in the masking graph; 0 = 3 ceil(log2 n), the complete graph "
+                "up to 13 sites."})
+    secagg_stage_timeout: float = dataclasses.field(default=300.0, metadata={
+        "help": "Seconds the server waits at each key, share and unmask stage."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SecAggConfig:

@@ -10,6 +10,9 @@ float32, every value finite. Then, across the round, its L2 norm must be at most
   checks. The median needs at least 3 updates to single out an outlier (of 2, each
   is within 2x of their median), so with fewer this check waits for the next round.
 
+Every reply's ``num-examples`` (its FedAvg weight) must lie in
+``[1, max-site-examples]``, so one site cannot claim the weight of all the others.
+
 A rejected upload counts as an offence of its node. The counts live as long as the
 ServerApp (the whole run), are written to every round's metrics (``offenders``)
 and saved in checkpoints, so repeat offenders stay visible across rounds.
@@ -18,6 +21,7 @@ and saved in checkpoints, so repeat offenders stay visible across rounds.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -28,22 +32,29 @@ from sepal.config import parse_section, require
 from sepal.wire import UploadError
 
 MIN_UPDATES_FOR_MEDIAN = 3
+MAX_SITE_EXAMPLES_LIMIT = 2**31 - 1  # weights summed in float64 stay exact
 
 
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
     validation_norm_multiple: float = 10.0  # 0 switches the norm check off
     validation_clip_bound: float = 0.0      # > 0: reference norm; 0: the round's median norm
+    max_site_examples: int = dataclasses.field(default=100_000, metadata={
+        "help": "Largest num-examples a site may declare; a reply claiming more is rejected, "
+                "so no site can take the weight of the others."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ValidationConfig:
         return parse_section(cls, values)
 
     def validate(self) -> None:
-        require(self.validation_norm_multiple == 0 or self.validation_norm_multiple >= 1,
-                "validation-norm-multiple", "must be 0 (off) or >= 1")
-        require(self.validation_clip_bound >= 0, "validation-clip-bound",
-                "must be >= 0 (0 = use the round's median norm)")
+        require(self.validation_norm_multiple == 0 or 1 <= self.validation_norm_multiple < math.inf,
+                "validation-norm-multiple", "must be 0 (off) or finite and >= 1")
+        require(math.isfinite(self.validation_clip_bound) and self.validation_clip_bound >= 0,
+                "validation-clip-bound", "must be finite and >= 0 (0 = use the round's median "
+                "norm)")
+        require(1 <= self.max_site_examples <= MAX_SITE_EXAMPLES_LIMIT, "max-site-examples",
+                f"must be in [1, {MAX_SITE_EXAMPLES_LIMIT}]")
 
 
 class UpdateValidator:

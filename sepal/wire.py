@@ -62,6 +62,15 @@ def record_to_arrays(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     return OrderedDict((key, array.numpy()) for key, array in record.items())
 
 
+def npy_array(array: np.ndarray) -> Array:
+    """``Array(array)`` with one copy of the data instead of ``np.save``'s two."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    data = b"".join((header.getvalue(), array.reshape(-1).view(np.uint8)))
+    return Array(dtype=str(array.dtype), shape=tuple(array.shape), stype=SType.NUMPY, data=data)
+
+
 def read_array(array: Array, what: str) -> np.ndarray:
     """The numpy array a received ``Array`` holds, read-only; UploadError naming ``what``.
 

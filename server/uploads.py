@@ -60,7 +60,7 @@ def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.nd
     validator = validator or UpdateValidator()
     shapes = {name: array.shape for name, array in global_arrays.items()}
     result = DecodedRound([], {}, {}, {}, {})
-    decoded: dict[int, tuple[Message, OrderedDict, MetricRecord, OrderedDict]] = {}
+    decoded: dict[int, tuple[Message, ArrayRecord, MetricRecord, OrderedDict]] = {}
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
         if reply.has_error():
@@ -78,7 +78,7 @@ def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.nd
                 continue
             update, metrics = _decode_one(reply.content, shapes, validator.cfg.max_site_examples)
             validator.check(update, global_arrays)
-            full = _apply(global_arrays, update)
+            full = _full_record(global_arrays, update)
         except wire.UploadError as err:
             _reject(result, node, str(err))
             continue
@@ -95,7 +95,7 @@ def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.nd
     shared = _shared_metric_keys([metrics for _, _, metrics, _ in kept.values()])
     for node, (reply, full, metrics, update) in kept.items():
         metrics = MetricRecord({key: metrics[key] for key in metrics if key in shared})
-        content = RecordDict({arrays_key: wire.arrays_to_record(full), wire.METRICS_KEY: metrics})
+        content = RecordDict({arrays_key: full, wire.METRICS_KEY: metrics})
         result.accepted.append(Message(content=content, metadata=reply.metadata))
         result.updates[node] = update
     return result
@@ -130,17 +130,20 @@ def _decode_one(content: RecordDict, shapes, max_examples: int):
     return update, metrics
 
 
-def _apply(global_arrays: OrderedDict[str, np.ndarray],
-           update: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
-    """``global + update``; UploadError if a sum leaves float32's range (a finite update of
-    3.4e38 does)."""
-    full = OrderedDict()
+def _full_record(global_arrays: OrderedDict[str, np.ndarray],
+                 update: OrderedDict[str, np.ndarray]) -> ArrayRecord:
+    """``global + update`` as the strategy's ArrayRecord, one tensor at a time (so at most
+    one tensor's sum is held besides the record); UploadError if a sum leaves float32's
+    range, as a finite update of 3.4e38 makes it."""
+    arrays = OrderedDict()
     with np.errstate(over="ignore", invalid="ignore"):
         for name, array in global_arrays.items():
-            full[name] = array + update[name]
-            if not np.isfinite(full[name]).all():
+            full = np.ascontiguousarray(array + update[name])
+            if not np.isfinite(full).all():
                 raise wire.UploadError(f"tensor '{name}': global model + update is not finite")
-    return full
+            arrays[name] = wire.npy_array(full)
+            del full
+    return ArrayRecord(arrays)
 
 
 def _shared_metric_keys(records: list[MetricRecord]) -> set[str]:

@@ -32,6 +32,7 @@ from sepal.config import parse_section, require
 from sepal.wire import UploadError
 
 MIN_UPDATES_FOR_MEDIAN = 3
+NORM_CHUNK = 1 << 12
 MAX_SITE_EXAMPLES_LIMIT = 2**31 - 1  # weights summed in float64 stay exact
 
 
@@ -114,4 +115,10 @@ class UpdateValidator:
 
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(np.square(a, dtype=np.float64).sum() for a in update.values())))
+    """L2 norm, summed in float64 a chunk at a time (no float64 copy of a whole tensor)."""
+    total = 0.0
+    for array in update.values():
+        flat = array.reshape(-1)
+        for start in range(0, flat.size, NORM_CHUNK):
+            total += float(np.square(flat[start:start + NORM_CHUNK], dtype=np.float64).sum())
+    return math.sqrt(total)

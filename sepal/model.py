@@ -41,7 +41,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from sepal.config import POOLINGS, TRAINABLE
+from sepal.config import DEVICE, POOLINGS, TRAINABLE
 
 PACKAGED_MINILM = "minilm"
 TINY_BERT = "tiny-bert"
@@ -58,6 +58,8 @@ def packaged_minilm_path() -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    if not DEVICE.fullmatch(device):
+        raise ModelError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -23,6 +23,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from sepal.config import check_declared_keys
 from simulations.processes import (
     ProcessGroup,
     flower_env,
@@ -87,6 +88,7 @@ def run_federated(run_config: dict[str, Any], num_supernodes: int, workdir: Path
     """Run the app on ``num_supernodes`` virtual clients; return the run's output folder."""
     workdir.mkdir(parents=True, exist_ok=True)
     run_config = dict(run_config)
+    check_declared_keys(run_config, _app_defaults(app_dir))  # Flower would not name the key
     run_config.setdefault("run-name", f"federated-{time.strftime('%Y%m%d-%H%M%S')}")
     run_config["output-dir"] = str(Path(run_config.get("output-dir", "outputs")).resolve())
     flwr_home = workdir / "flwr-home"
@@ -161,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _app_defaults() -> dict[str, Any]:
-    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
+def _app_defaults(app_dir: Path = PROJECT_ROOT) -> dict[str, Any]:
+    with (app_dir / "pyproject.toml").open("rb") as handle:
         return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
 
 

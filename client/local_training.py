@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from client.proximal import proximal_step
 from sepal.config import RunConfig
-from sepal.data import DataError, make_loader
+from sepal.data import DataError, check_site_label_names, make_loader
 from sepal.lora import LoraSettings
 from sepal.model import get_weights, set_weights
 from sepal.privacy.engine import ClientPrivacy
@@ -33,6 +34,8 @@ class LocalTraining:
         self.node = node
         self.label_names = label_names
         self.device = device
+        if node.data_path:
+            check_site_label_names(Path(node.data_path).expanduser(), label_names)
         self.model = build_task_model(cfg, label_names, lora).to(device)
 
     def load(self, weights: OrderedDict[str, np.ndarray]) -> None:

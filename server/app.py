@@ -17,12 +17,13 @@ from sepal.lora import LoraSettings
 from sepal.model import get_weights
 from sepal.privacy import DPSGDSettings, UserLevelDPSettings
 from sepal.privacy.engine import check_run_settings
-from sepal.task import build_task_model, centralized_train_split
+from sepal.data import check_labels_within, check_training_classes
+from sepal.task import build_task_model, centralized_train_split, server_test_split
 from server.central_dp import wrap_with_user_level_dp
 from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger
 from server.evaluation import ServerEvaluator
 from server.privacy_monitor import PrivacyMonitor
-from server.run_output import RunOutput
+from server.run_output import RunOutput, claim_run_folder
 from server.secure_aggregation import federation_class
 from server.validation import UpdateValidator, ValidationConfig
 from strategies import StrategyConfig, build_strategy, strategy_traits
@@ -48,6 +49,8 @@ def serve(grid: Grid, context: Context) -> Path:
     compression = CompressionConfig.from_mapping(context.run_config)
     train_split = centralized_train_split(cfg)
     label_names = train_split.label_names
+    check_training_classes(train_split)
+    check_labels_within(server_test_split(cfg), label_names, f"split '{cfg.test_split}'")
     check_run_settings(DPSGDSettings.from_run_config(context.run_config), cfg, len(train_split))
     lora = LoraSettings.from_run_config(context.run_config)
     chosen = StrategyConfig.from_mapping(context.run_config)
@@ -70,24 +73,25 @@ def serve(grid: Grid, context: Context) -> Path:
     validator = UpdateValidator(ValidationConfig.from_mapping(context.run_config))
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
     checkpoint_settings = CheckpointConfig.from_mapping(context.run_config)
-    checkpoints, resume_from = open_checkpoints(checkpoint_settings, cfg, run_name,
-                                                context.run_config)
-    ledger = privacy_ledger(run_name, checkpoint_settings, resume_from)
-    output = RunOutput(Path(cfg.output_dir) / run_name,
-                       {**dataclasses.asdict(cfg), **dataclasses.asdict(compression),
-                        **dataclasses.asdict(chosen)})
-    log.info("run outputs in %s", output.folder.resolve())
+    with claim_run_folder(Path(cfg.output_dir) / run_name, checkpoint_settings.resume):
+        checkpoints, resume_from = open_checkpoints(checkpoint_settings, cfg, run_name,
+                                                    context.run_config)
+        ledger = privacy_ledger(run_name, checkpoint_settings, resume_from)
+        output = RunOutput(Path(cfg.output_dir) / run_name,
+                           {**dataclasses.asdict(cfg), **dataclasses.asdict(compression),
+                            **dataclasses.asdict(chosen)})
+        log.info("run outputs in %s", output.folder.resolve())
 
-    initial = get_weights(build_task_model(cfg, label_names, lora))
-    evaluator = ServerEvaluator(cfg, label_names, lora)
-    federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
-                                 train_config={"upload-codec": compression.upload_codec,
-                                               **ledger.to_config()},
-                                 downlink=downlink_for(compression),
-                                 privacy=PrivacyMonitor(cfg.min_train_nodes, strategy),
-                                 validator=validator, checkpoints=checkpoints)
-    final = federation.run(initial, resume_from=resume_from)
-    evaluator.export(final, output.model_path)
-    output.close()
-    log.info("final model saved to %s", output.model_path.resolve())
-    return output.folder
+        initial = get_weights(build_task_model(cfg, label_names, lora))
+        evaluator = ServerEvaluator(cfg, label_names, lora)
+        federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
+                                     train_config={"upload-codec": compression.upload_codec,
+                                                   **ledger.to_config()},
+                                     downlink=downlink_for(compression),
+                                     privacy=PrivacyMonitor(cfg.min_train_nodes, strategy),
+                                     validator=validator, checkpoints=checkpoints)
+        final = federation.run(initial, resume_from=resume_from)
+        evaluator.export(final, output.model_path)
+        output.close()
+        log.info("final model saved to %s", output.model_path.resolve())
+        return output.folder

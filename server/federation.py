@@ -39,7 +39,7 @@ from server.late_replies import LateReplies
 from server.progress import round_line
 from server.run_output import RunOutput
 from server.uploads import DecodedRound, decode_replies
-from server.validation import UpdateValidator
+from server.validation import MAX_MAGNITUDE, UpdateValidator
 from strategies.state import StrategyStateError, load_strategy_state, strategy_state
 
 log = logging.getLogger("sepal.server")
@@ -188,9 +188,11 @@ class Federation:
         # numpy float64), which would double every download
         aggregated = OrderedDict((k, v.numpy().astype(weights[k].dtype, copy=False))
                                  for k, v in new_arrays.items())
-        bad = [name for name, array in aggregated.items() if not np.isfinite(array).all()]
+        bad = [name for name, array in aggregated.items()
+               if array.size and not float(np.abs(array).max()) <= MAX_MAGNITUDE]  # NaN too
         if bad or list(aggregated) != list(weights):
-            what = f"tensor(s) {bad[:3]} not finite" if bad else "tensor names differ"
+            what = (f"tensor(s) {bad[:3]} not finite or beyond {MAX_MAGNITUDE:.3g}" if bad
+                    else "tensor names differ")
             return weights, train_metrics, what
         return aggregated, train_metrics, ""
 

@@ -1,7 +1,7 @@
 """Checks on every decoded update before a strategy sees it.
 
 Each update, against the global model: the same tensor names and shapes, dtype
-float32, every value finite. Then, across the round, its L2 norm must be at most
+float32, every value finite and at most ``MAX_MAGNITUDE`` (about 1.8e19) in magnitude. Then, across the round, its L2 norm must be at most
 ``validation-norm-multiple`` times a reference:
 
 * ``validation-clip-bound`` when set (> 0), e.g. the clipping norm clients apply
@@ -33,6 +33,9 @@ from sepal.wire import UploadError
 
 MIN_UPDATES_FOR_MEDIAN = 3
 NORM_CHUNK = 1 << 12
+# Largest magnitude an update or a model may hold: its square stays finite in float32
+# (norms, FedAdam's second moments), so one value cannot turn the next model into inf.
+MAX_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
 MAX_SITE_EXAMPLES_LIMIT = 2**31 - 1  # weights summed in float64 stay exact
 
 
@@ -82,6 +85,9 @@ class UpdateValidator:
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             if bad:
                 raise UploadError(f"tensor '{name}' holds {bad} NaN or Inf value(s)")
+            if array.size and float(np.abs(array).max()) > MAX_MAGNITUDE:
+                raise UploadError(f"tensor '{name}' holds a value beyond {MAX_MAGNITUDE:.3g}, "
+                                  "whose square overflows float32")
 
     def check_norms(self, updates: Mapping[int, Mapping[str, np.ndarray]]) -> dict[int, str]:
         """Node -> defect for the updates whose norm is out of bounds this round."""

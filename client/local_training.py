@@ -6,13 +6,14 @@ import dataclasses
 import math
 from collections import OrderedDict
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from client.proximal import proximal_step
 from sepal.config import RunConfig
-from sepal.data import DataError, make_loader
+from sepal.data import DataError, check_site_label_names, make_loader
 from sepal.lora import LoraSettings
 from sepal.model import get_weights, set_weights
 from sepal.optim import LearningRateSchedule, build_optimizer
@@ -35,6 +36,8 @@ class LocalTraining:
         self.node = node
         self.label_names = label_names
         self.device = device
+        if node.data_path:
+            check_site_label_names(Path(node.data_path).expanduser(), label_names)
         self.model = build_task_model(cfg, label_names, lora).to(device)
 
     def load(self, weights: OrderedDict[str, np.ndarray]) -> None:

@@ -8,12 +8,16 @@ bad setting stops the run at start-up with the key's name in the message.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 
 POOLINGS = ("auto", "cls", "mean")
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+RUN_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}")
 TRAINABLE = ("all", "head")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("constant", "linear")
@@ -144,8 +148,24 @@ class RunConfig:
         require(self.max_train_examples >= 0, "max-train-examples", "must be >= 0 (0 = all)")
         require(self.max_test_examples >= 0, "max-test-examples", "must be >= 0 (0 = all)")
         require(self.round_timeout > 0, "round-timeout", "must be > 0 seconds")
-        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
+        require(bool(DEVICE.fullmatch(self.device)), "device",
                  f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        require(self.run_name == "" or bool(RUN_NAME.fullmatch(self.run_name)), "run-name",
+                "must be a plain folder name (letters, digits, '.', '_', '-'; no path "
+                f"separators, not '.' or '..'), got {self.run_name!r}")
+
+
+def check_declared_keys(values: Mapping[str, Any], declared: Mapping[str, Any]) -> None:
+    """ConfigError naming every key of ``values`` the app does not declare (Flower refuses
+    them with only "Invalid run configuration"), with the closest declared key."""
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, list(declared), n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigError(f"run config key(s) {', '.join(hints)} are not settings of this app "
+                          "([tool.flwr.app.config] in pyproject.toml)")
 
 
 def parse_section(cls: type, values: Mapping[str, Any], source: str = "run config") -> Any:
@@ -180,12 +200,14 @@ def _coerce(where: str, value: Any, type_name: Any) -> Any:
             return value.lower() == "true"
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if type_name == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or int(value) != value:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return int(value)
     if type_name == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")

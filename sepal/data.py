@@ -12,11 +12,16 @@ import csv
 import dataclasses
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+
+LABEL = re.compile(r"-?[0-9]+")  # int() would also take '1_0', '+1' and non-ASCII digits
+MAX_UNNAMED_CLASSES = 1000  # classes named "0", "1", ... when label_names.json is absent
 
 
 class DataError(ValueError):
@@ -99,15 +104,22 @@ def _load_csv_split(folder: Path, split: str, text_column: str, label_column: st
         value, label = record.get(text_column), record.get(label_column)
         if value is None or label is None:
             raise DataError(f"{path}, row {row}: fewer fields than the header")
+        if record.get(None):
+            raise DataError(f"{path}, row {row}: more fields than the header has columns "
+                            f"{columns} (a comma in a text that is not quoted?)")
         if not value.strip():
             raise DataError(f"{path}, row {row}: empty '{text_column}'")
-        try:
-            label_id = int(label)
-        except ValueError:
-            raise DataError(f"{path}, row {row}: label {label!r} is not an integer") from None
+        if not LABEL.fullmatch(label.strip()):
+            raise DataError(f"{path}, row {row}: label {label!r} is not an integer "
+                            "(ASCII digits only)")
+        label_id = int(label)
         if label_id < 0 or (label_names is not None and label_id >= len(label_names)):
             bound = f"[0, {len(label_names)})" if label_names else ">= 0"
             raise DataError(f"{path}, row {row}: label {label_id} out of range {bound}")
+        if label_names is None and label_id >= MAX_UNNAMED_CLASSES:
+            raise DataError(f"{path}, row {row}: label {label_id} without label_names.json; "
+                            f"labels >= {MAX_UNNAMED_CLASSES} need a label_names.json beside "
+                            "the CSV files naming every class")
         texts.append(value)
         labels.append(label_id)
     if not texts:
@@ -167,7 +179,38 @@ def partition(split: TextSplit, num_partitions: int, partition_id: int, method: 
         {"row": np.arange(len(split)), "label": split.labels}
     )
     rows = partitioner.load_partition(partition_id)["row"]
+    if len(rows) == 0:
+        raise DataError(f"partition {partition_id} of {num_partitions} ({method}"
+                        + (f", dirichlet-alpha {alpha}" if method == "dirichlet" else "")
+                        + f") of {split.source} is empty: use fewer partitions, more "
+                        "examples or a larger dirichlet-alpha")
     return split.subset(np.sort(np.asarray(rows, dtype=np.int64)))
+
+
+def check_training_classes(split: TextSplit) -> None:
+    """A federation's training split must hold at least two classes (with one, every
+    model scores accuracy 1.0 and learns nothing)."""
+    present = np.unique(split.labels)
+    if present.size < 2:
+        raise DataError(f"{split.source}: every example has label {int(present[0])}; a "
+                        "classifier needs at least two classes")
+
+
+def check_labels_within(split: TextSplit, label_names: list[str], what: str) -> None:
+    """Every label of ``split`` is one of ``label_names`` (the training classes)."""
+    outside = np.flatnonzero(split.labels >= len(label_names))
+    if outside.size:
+        raise DataError(f"{split.source}: label {int(split.labels[outside[0]])} of {what} is "
+                        f"not one of the {len(label_names)} training classes {label_names}")
+
+
+def check_site_label_names(folder: Path, label_names: list[str]) -> None:
+    """A site's own label_names.json must list the federation's classes in its order:
+    the same label number has to mean the same class on every side."""
+    names = read_label_names(folder)
+    if names is not None and names != list(label_names):
+        raise DataError(f"{folder / 'label_names.json'} lists {names}, the federation's "
+                        f"classes are {list(label_names)} (same names, same order)")
 
 
 class TokenizedDataset(Dataset):

@@ -41,10 +41,12 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from sepal.config import POOLINGS, TRAINABLE
+from sepal.config import DEVICE, POOLINGS, TRAINABLE
 
 PACKAGED_MINILM = "minilm"
 TINY_BERT = "tiny-bert"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
 
 
 class ModelError(ValueError):
@@ -58,6 +60,8 @@ def packaged_minilm_path() -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    if not DEVICE.fullmatch(device):
+        raise ModelError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -68,6 +72,11 @@ def resolve_device(device: str) -> torch.device:
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     source = packaged_minilm_path() if model in (PACKAGED_MINILM, TINY_BERT) else model
+    folder = Path(str(source)).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"model folder {folder} has no tokenizer files (one of "
+                         f"{', '.join(TOKENIZER_FILES)}): save the tokenizer with the model "
+                         "(tokenizer.save_pretrained), or every word reads as [UNK]")
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as err:

@@ -13,17 +13,24 @@ from sepal import logs
 from sepal.codecs import CompressionConfig
 from sepal.codecs.downlink import downlink_for
 from sepal.config import RunConfig
+from sepal.data import check_labels_within, check_training_classes
 from sepal.lora import LoraSettings
 from sepal.model import get_weights
 from sepal.privacy import DPSGDSettings, UserLevelDPSettings
 from sepal.privacy.engine import check_run_settings
-from sepal.task import build_task_model, run_label_names, run_train_size
+from sepal.task import (
+    build_task_model,
+    centralized_train_split,
+    run_label_names,
+    run_train_size,
+    server_test_split,
+)
 from server.central_dp import wrap_with_user_level_dp
 from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger
 from server.evaluation import ServerEvaluator
 from server.privacy_monitor import PrivacyMonitor
 from server.progress import run_header, run_summary_lines
-from server.run_output import RunOutput, all_settings
+from server.run_output import RunOutput, all_settings, claim_run_folder
 from server.secure_aggregation import federation_class
 from server.validation import UpdateValidator, ValidationConfig
 from strategies import StrategyConfig, build_strategy, strategy_traits
@@ -46,8 +53,10 @@ def serve(grid: Grid, context: Context) -> Path:
     cfg = RunConfig.from_mapping(context.run_config)
     compression = CompressionConfig.from_mapping(context.run_config)
     label_names = run_label_names(cfg)
+    check_labels_within(server_test_split(cfg), label_names, f"split '{cfg.test_split}'")
     train_size = run_train_size(cfg)
     if train_size is not None:  # else each client checks against its own data
+        check_training_classes(centralized_train_split(cfg))
         check_run_settings(DPSGDSettings.from_run_config(context.run_config), cfg, train_size)
     lora = LoraSettings.from_run_config(context.run_config)
     chosen = StrategyConfig.from_mapping(context.run_config)
@@ -70,28 +79,29 @@ def serve(grid: Grid, context: Context) -> Path:
     validator = UpdateValidator(ValidationConfig.from_mapping(context.run_config))
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
     checkpoint_settings = CheckpointConfig.from_mapping(context.run_config)
-    checkpoints, resume_from = open_checkpoints(checkpoint_settings, cfg, run_name,
-                                                context.run_config)
-    ledger = privacy_ledger(run_name, checkpoint_settings, resume_from)
-    output = RunOutput(Path(cfg.output_dir) / run_name, all_settings(context.run_config))
-    model = build_task_model(cfg, label_names, lora)
-    for line in run_header(run_name, cfg, model, len(list(grid.get_node_ids())), chosen,
-                           compression, context.run_config, output.folder.resolve()):
-        log.info(line)
-    initial = get_weights(model)
-    del model
-    evaluator = ServerEvaluator(cfg, label_names, lora)
-    federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
-                                 train_config={"upload-codec": compression.upload_codec,
-                                               **ledger.to_config()},
-                                 downlink=downlink_for(compression),
-                                 privacy=PrivacyMonitor(cfg.min_train_nodes, strategy),
-                                 validator=validator, checkpoints=checkpoints)
-    final = federation.run(initial, resume_from=resume_from)
-    evaluator.export(final, output.model_path)
-    checkpoint_folder = checkpoints.folder if checkpoints is not None else None
-    summary = output.write_summary(time.time() - started, checkpoint_folder)
-    output.close()
-    for line in run_summary_lines(summary):
-        log.info(line)
-    return output.folder
+    with claim_run_folder(Path(cfg.output_dir) / run_name, checkpoint_settings.resume):
+        checkpoints, resume_from = open_checkpoints(checkpoint_settings, cfg, run_name,
+                                                    context.run_config)
+        ledger = privacy_ledger(run_name, checkpoint_settings, resume_from)
+        output = RunOutput(Path(cfg.output_dir) / run_name, all_settings(context.run_config))
+        model = build_task_model(cfg, label_names, lora)
+        for line in run_header(run_name, cfg, model, len(list(grid.get_node_ids())), chosen,
+                               compression, context.run_config, output.folder.resolve()):
+            log.info(line)
+        initial = get_weights(model)
+        del model
+        evaluator = ServerEvaluator(cfg, label_names, lora)
+        federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
+                                     train_config={"upload-codec": compression.upload_codec,
+                                                   **ledger.to_config()},
+                                     downlink=downlink_for(compression),
+                                     privacy=PrivacyMonitor(cfg.min_train_nodes, strategy),
+                                     validator=validator, checkpoints=checkpoints)
+        final = federation.run(initial, resume_from=resume_from)
+        evaluator.export(final, output.model_path)
+        checkpoint_folder = checkpoints.folder if checkpoints is not None else None
+        summary = output.write_summary(time.time() - started, checkpoint_folder)
+        output.close()
+        for line in run_summary_lines(summary):
+            log.info(line)
+        return output.folder

@@ -21,7 +21,8 @@ temporary name, fsynced, then renamed over the final name (``os.replace`` is
 atomic), so a crash leaves either the old file or the new one, never a mix.
 
 Checkpoints are server-private: besides the un-noised strategy state they hold the
-server's RNG state, from which central-DP noise drawn with it could be recomputed.
+server's RNG state, from which central-DP noise drawn with it could be recomputed. So
+they are written 0600 in a 0700 folder.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from sepal.privacy.ledger import PrivacyLedger
 log = logging.getLogger("sepal.server")
 
 MAGIC = b"SEPALCK1"
+PRIVATE_FILE = 0o600    # checkpoints hold the server's RNG state: owner only
+PRIVATE_FOLDER = 0o700
 FORMAT_VERSION = 1
 HEADER_BYTES = len(MAGIC) + 8 + 32
 NAME = re.compile(r"^round-(\d{4,})\.ckpt$")
@@ -102,6 +105,7 @@ class Checkpointer:
         self.keep = keep
         self.run_config = dict(run_config)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.chmod(PRIVATE_FOLDER)
         for stale in self.folder.glob(".round-*.tmp-*"):  # left by a crash mid-write
             stale.unlink()
 
@@ -191,7 +195,9 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     payload = _serialize(checkpoint)
     header = MAGIC + len(payload).to_bytes(8, "big") + hashlib.sha256(payload).digest()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as handle:
+    descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+    os.fchmod(descriptor, PRIVATE_FILE)  # O_CREAT's mode does not apply to an existing file
+    with os.fdopen(descriptor, "wb") as handle:
         handle.write(header)
         handle.write(payload)
         handle.flush()

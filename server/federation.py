@@ -40,8 +40,8 @@ from server.late_replies import LateReplies
 from server.progress import round_line
 from server.run_output import RunOutput
 from server.uploads import DecodedRound, decode_replies
-from server.validation import UpdateValidator
-from strategies.state import load_strategy_state, strategy_state
+from server.validation import MAX_MAGNITUDE, UpdateValidator
+from strategies.state import StrategyStateError, load_strategy_state, strategy_state
 
 log = logging.getLogger("sepal.server")
 
@@ -129,12 +129,13 @@ class Federation:
             "late_discarded": len(late),
         }
         if decoded.accepted and decoded.clients >= self.cfg.min_train_nodes:
-            new_arrays, train_metrics = self.strategy.aggregate_train(server_round,
-                                                                      decoded.accepted)
-            if new_arrays is not None:  # kept in the model's dtype: FedOpt's step comes back
-                # float64 (its eta_norm is a numpy float64), which would double every download
-                weights = OrderedDict((k, v.numpy().astype(weights[k].dtype, copy=False))
-                                      for k, v in new_arrays.items())
+            aggregated, train_metrics, refused = self._aggregate(server_round, decoded, weights)
+            if refused:
+                log.warning("round %d: aggregate refused, global model kept: %s", server_round,
+                            refused)
+                record["aggregate_refused"] = refused
+            else:
+                weights = aggregated
             record.update(_train_summary(decoded.accepted, train_metrics))
         else:
             log.warning("round %d: %d valid update(s) < min-train-nodes %d; global model kept",
@@ -159,6 +160,42 @@ class Federation:
             self.checkpoints.save(self.snapshot(server_round, weights))
         log.info(round_line(record, self.cfg.num_server_rounds))
         return weights
+
+    def _aggregate(self, server_round: int, decoded: DecodedRound,
+                   weights: OrderedDict[str, np.ndarray]):
+        """The strategy's aggregate, its metrics and why it was refused ("" if not): an
+        aggregate that fails, or that is not finite everywhere, never becomes the model,
+        and the strategy's state (momentum, moments) is put back as it was."""
+        try:
+            before = strategy_state(self.strategy)
+        except StrategyStateError:  # a plug-in whose state cannot be saved keeps its own
+            before = None
+        try:
+            aggregated, train_metrics, refused = self._aggregate_checked(server_round, decoded,
+                                                                         weights)
+        except Exception as err:  # noqa: BLE001  the round ends, the run goes on
+            aggregated, train_metrics = weights, None
+            refused = f"aggregation failed ({type(err).__name__}: {err})"
+        if refused and before is not None:
+            load_strategy_state(self.strategy, before)
+        return aggregated, train_metrics, refused
+
+    def _aggregate_checked(self, server_round: int, decoded: DecodedRound,
+                           weights: OrderedDict[str, np.ndarray]):
+        new_arrays, train_metrics = self.strategy.aggregate_train(server_round, decoded.accepted)
+        if new_arrays is None:
+            return weights, train_metrics, ""
+        # kept in the model's dtype: FedOpt's step comes back float64 (its eta_norm is a
+        # numpy float64), which would double every download
+        aggregated = OrderedDict((k, v.numpy().astype(weights[k].dtype, copy=False))
+                                 for k, v in new_arrays.items())
+        bad = [name for name, array in aggregated.items()
+               if array.size and not float(np.abs(array).max()) <= MAX_MAGNITUDE]  # NaN too
+        if bad or list(aggregated) != list(weights):
+            what = (f"tensor(s) {bad[:3]} not finite or beyond {MAX_MAGNITUDE:.3g}" if bad
+                    else "tensor names differ")
+            return weights, train_metrics, what
+        return aggregated, train_metrics, ""
 
     def collect_updates(self, messages: list[Message],
                         weights: OrderedDict[str, np.ndarray]) -> DecodedRound:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import os
 import re
 import shlex
@@ -61,6 +62,9 @@ NODE_CONFIG_COMMENTS = {
 }
 AUTH_KEY = "supernode-auth.key"
 AUTH_PUB = "supernode-auth.pub"
+
+
+DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 class ProvisionError(ValueError):
@@ -115,9 +119,14 @@ class FederationSpec:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise fail("name", "must be lower-case letters, digits, '-' or '_' (at most 63)")
         host, port = _split_address(data.get("superlink"), fail)
+        if not _valid_host(host):
+            raise fail("superlink", f"host {host!r} is not a DNS name or an IP address")
         hosts = data.get("hosts", [])
         if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
             raise fail("hosts", "must be a list of DNS names or IP addresses")
+        for extra in hosts:
+            if not _valid_host(extra):
+                raise fail("hosts", f"{extra!r} is not a DNS name or an IP address")
         days = {}
         for key, default in (("cert-days", 365), ("ca-days", 3650)):
             value = data.get(key, default)
@@ -213,9 +222,11 @@ def _ensure_ca(spec: FederationSpec, folder: Path):
     if key_path.exists():
         if not cert_path.exists():
             raise ProvisionError(f"{key_path} exists without {cert_path}; restore it from backup")
-        ca_key, ca_cert = pki.load_private_key(key_path), pki.load_certificate(cert_path)
+        ca_key, ca_cert = _load_key(key_path), pki.load_certificate(cert_path)
         if ca_cert.public_key() != ca_key.public_key():
             raise ProvisionError(f"{cert_path} does not belong to {key_path}")
+        _check_not_expired(ca_cert, cert_path, f"move {folder} away to start a new CA (every "
+                                               "institution then needs its new ca.pem)")
         return ca_key, ca_cert, False
     ca_key = pki.new_key()
     ca_cert = pki.issue_ca(ca_key, spec.name, spec.ca_days)
@@ -237,10 +248,12 @@ def _ensure_superlink_certificate(spec, operator: Path, ca_key, ca_cert) -> None
                 "and run again")
         if cert.issuer != ca_cert.subject:
             raise ProvisionError(f"{cert_path} was not issued by {operator.parent}/ca/ca.pem")
+        _load_key(key_path)
+        _check_not_expired(cert, cert_path, f"move {cert_path} away and run again to re-issue it")
         return
     if cert_path.exists() and not key_path.exists():
         raise ProvisionError(f"{cert_path} exists without {key_path}; move it away to re-issue")
-    key = pki.load_private_key(key_path) if key_path.exists() else pki.new_key()
+    key = _load_key(key_path) if key_path.exists() else pki.new_key()
     if not key_path.exists():
         pki.write_private_key(key_path, key)
     cert = pki.server_certificate_for(ca_key, ca_cert, key, spec.certificate_hosts,
@@ -253,7 +266,7 @@ def _ensure_institution(spec: FederationSpec, institution: Institution, folder: 
     _private_dir(folder)
     key_path = folder / AUTH_KEY
     if key_path.exists():
-        key = pki.load_private_key(key_path)
+        key = _load_key(key_path)
     else:
         key = pki.new_key()
         pki.write_private_key(key_path, key, openssh=True)
@@ -364,6 +377,32 @@ def _node_config(table: Any, where: str, fail) -> dict[str, Any]:
         if not isinstance(value, (str, int, float, bool)):
             raise fail(f"{where}.{key}", f"must be a string, number or boolean, got {value!r}")
     return dict(table)
+
+
+def _load_key(path: Path):
+    """A private key this script wrote; refused if others may read it (mode 0644)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ProvisionError(f"{path} is readable by others (mode {mode:04o}): the key may "
+                             f"have leaked; if not, chmod 600 it and run again")
+    try:
+        return pki.load_private_key(path)
+    except ValueError as err:
+        raise ProvisionError(f"{path}: not a readable private key ({err})") from err
+
+
+def _check_not_expired(cert, path: Path, remedy: str) -> None:
+    expires = cert.not_valid_after_utc
+    if expires <= datetime.datetime.now(datetime.timezone.utc):
+        raise ProvisionError(f"{path} expired on {expires:%Y-%m-%d %H:%M} UTC; {remedy}")
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address, or a DNS name of letters, digits and '-' labels (RFC 1123)."""
+    if pki.is_ip_address(host):
+        return True
+    labels = host.rstrip(".").split(".")
+    return len(host) <= 253 and all(DNS_LABEL.fullmatch(label) for label in labels)
 
 
 def _split_address(value: Any, fail) -> tuple[str, int]:

@@ -15,6 +15,7 @@ the sites ``site-1``, ``site-2``, ... in the order their node ids first took par
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -26,6 +27,52 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+class RunFolderError(RuntimeError):
+    """The run folder belongs to another run, or another run of this name is running."""
+
+
+class RunLock:
+    """An exclusive lock on a run name (``<output-dir>/.<run-name>.lock``), held while the
+    run lives, so two runs of one name never write the same folder.
+
+    ``fcntl.flock``: the kernel drops the lock when the process ends, however it ends.
+    """
+
+    def __init__(self, folder: Path):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        self.path = folder.parent / f".{folder.name}.lock"
+        self._handle = self.path.open("a")
+        try:
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._handle.close()
+            raise RunFolderError(f"run-name '{folder.name}' is in use by another running run "
+                                 f"(lock {self.path}); wait for it or choose another "
+                                 "run-name") from None
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def claim_run_folder(folder: Path, resume: bool) -> RunLock:
+    """Lock the run name; a fresh run refuses a folder that already holds files (a past
+    run's metrics and model), a resumed one continues it."""
+    lock = RunLock(folder)
+    if not resume and folder.is_dir() and any(folder.iterdir()):
+        lock.release()
+        raise RunFolderError(f"run folder {folder} already holds a run: choose another "
+                             "run-name, or set resume = true to continue it")
+    return lock
 
 
 class RunOutput:

@@ -319,7 +319,11 @@ class SecureAggregation:
             masked = reply.content.get(MASKED_KEY)
             if not isinstance(masked, ArrayRecord) or set(masked.keys()) != {"values", "scalars"}:
                 raise SecAggError(f"'{MASKED_KEY}' must be an ArrayRecord of values and scalars")
-            values, scalars = masked["values"].numpy(), masked["scalars"].numpy()
+            try:
+                values = wire.read_array(masked["values"], "masked vector")
+                scalars = wire.read_array(masked["scalars"], "masked scalars")
+            except wire.UploadError as err:
+                raise SecAggError(str(err)) from err
             if values.dtype != np.uint8 or values.shape != (expected_bytes,):
                 raise SecAggError(f"masked vector has {values.size} {values.dtype} values, "
                                   f"expected {expected_bytes} uint8 ({state.dim} values at "
@@ -443,10 +447,12 @@ class SecureAggregation:
             try:
                 state.tag.check(reply.content, stage)
                 read(node, reply)
-            except SecAggError as err:
-                result.rejected[node] = f"{stage}: {err}"
+            except Exception as err:  # noqa: BLE001  any failure on one reply drops that reply
+                reason = str(err) if isinstance(err, SecAggError) else \
+                    f"unreadable reply ({type(err).__name__}: {err})"
+                result.rejected[node] = f"{stage}: {reason}"
                 log.warning("round %d: node %d dropped at %s: %s", state.tag.server_round, node,
-                            stage, err)
+                            stage, reason)
                 continue
             accepted.append(node)
         for node in sorted(expected - answered):

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections import OrderedDict
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from sepal import wire
 from sepal.codecs import decode_upload
@@ -51,39 +52,50 @@ def decode_replies(replies: list[Message], global_arrays: OrderedDict[str, np.nd
                    instruction_nodes: dict[str, int] | None = None,
                    validator: UpdateValidator | None = None) -> DecodedRound:
     """``instruction_nodes`` (message id -> node id) names the node of an error reply
-    the SuperLink wrote itself ("Node Unavailable"), whose sender is the SuperLink."""
+    the SuperLink wrote itself ("Node Unavailable"), whose sender is the SuperLink.
+
+    Whatever fails while reading one reply (a defect the decoder names, or any other
+    exception, MemoryError included) rejects that reply alone; the round goes on.
+    """
     validator = validator or UpdateValidator()
     shapes = {name: array.shape for name, array in global_arrays.items()}
     result = DecodedRound([], {}, {}, {}, {})
-    decoded: dict[int, tuple[Message, OrderedDict, object]] = {}
+    decoded: dict[int, tuple[Message, ArrayRecord, MetricRecord, OrderedDict]] = {}
     for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
         node = reply.metadata.src_node_id
         if reply.has_error():
             node = (instruction_nodes or {}).get(reply.metadata.reply_to_message_id, node)
-            result.failed[node] = reply.error.reason
+            result.failed[node] = str(reply.error.reason)
             log.warning("client %d failed this round: %s", node, reply.error.reason)
             continue
-        result.bytes_up[node] = wire.serialized_size(reply.content)
         try:
+            result.bytes_up[node] = wire.serialized_size(reply.content)
             report, refusal = read_reply_privacy(reply.content)
-            if report is not None:
-                result.privacy[node] = report
             if refusal is not None:
+                if report is not None:
+                    result.privacy[node] = report
                 result.refused[node] = refusal
                 continue
-            update, metrics = _decode_one(reply.content, shapes)
+            update, metrics = _decode_one(reply.content, shapes, validator.cfg.max_site_examples)
             validator.check(update, global_arrays)
+            full = _full_record(global_arrays, update)
         except wire.UploadError as err:
             _reject(result, node, str(err))
             continue
-        decoded[node] = (reply, update, metrics)
-    too_long = validator.check_norms({node: update for node, (_, update, _) in decoded.items()})
-    for node, (reply, update, metrics) in decoded.items():
-        if node in too_long:
-            _reject(result, node, too_long[node])
+        except Exception as err:  # noqa: BLE001  any failure on one reply rejects that reply
+            _reject(result, node, f"unreadable reply ({type(err).__name__}: {err})")
             continue
-        full = OrderedDict((k, global_arrays[k] + update[k]) for k in global_arrays)
-        content = RecordDict({arrays_key: wire.arrays_to_record(full), wire.METRICS_KEY: metrics})
+        if report is not None:
+            result.privacy[node] = report
+        decoded[node] = (reply, full, metrics, update)
+    too_long = validator.check_norms({node: entry[3] for node, entry in decoded.items()})
+    kept = {node: entry for node, entry in decoded.items() if node not in too_long}
+    for node in too_long:
+        _reject(result, node, too_long[node])
+    shared = _shared_metric_keys([metrics for _, _, metrics, _ in kept.values()])
+    for node, (reply, full, metrics, update) in kept.items():
+        metrics = MetricRecord({key: metrics[key] for key in metrics if key in shared})
+        content = RecordDict({arrays_key: full, wire.METRICS_KEY: metrics})
         result.accepted.append(Message(content=content, metadata=reply.metadata))
         result.updates[node] = update
     return result
@@ -94,13 +106,49 @@ def _reject(result: DecodedRound, node: int, defect: str) -> None:
     log.warning("upload from client %d rejected: %s", node, defect)
 
 
-def _decode_one(content: RecordDict, shapes):
-    for key in (wire.UPDATE_KEY, wire.CODEC_KEY, wire.METRICS_KEY):
+def _decode_one(content: RecordDict, shapes, max_examples: int):
+    for key, kind in ((wire.UPDATE_KEY, ArrayRecord), (wire.CODEC_KEY, ConfigRecord),
+                      (wire.METRICS_KEY, MetricRecord)):
         if key not in content:
             raise wire.UploadError(f"record '{key}' missing from the upload")
+        if not isinstance(content[key], kind):
+            raise wire.UploadError(f"record '{key}' is a {type(content[key]).__name__}, "
+                                   f"expected a {kind.__name__}")
     metrics = content[wire.METRICS_KEY]
     examples = metrics.get(wire.NUM_EXAMPLES)
-    if not isinstance(examples, int) or examples <= 0:
-        raise wire.UploadError(f"'{wire.NUM_EXAMPLES}' must be a positive integer, got {examples!r}")
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples <= 0:
+        raise wire.UploadError(f"'{wire.NUM_EXAMPLES}' must be a positive integer, got "
+                               f"{examples!r}")
+    if examples > max_examples:
+        raise wire.UploadError(f"'{wire.NUM_EXAMPLES}' is {examples}, more than "
+                               f"max-site-examples {max_examples}")
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise wire.UploadError(f"metric '{key}' must be a finite number, got {value!r}")
     update = decode_upload(content[wire.UPDATE_KEY], content[wire.CODEC_KEY], shapes)
     return update, metrics
+
+
+def _full_record(global_arrays: OrderedDict[str, np.ndarray],
+                 update: OrderedDict[str, np.ndarray]) -> ArrayRecord:
+    """``global + update`` as the strategy's ArrayRecord, one tensor at a time (so at most
+    one tensor's sum is held besides the record); UploadError if a sum leaves float32's
+    range, as a finite update of 3.4e38 makes it."""
+    arrays = OrderedDict()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for name, array in global_arrays.items():
+            full = np.ascontiguousarray(array + update[name])
+            if not np.isfinite(full).all():
+                raise wire.UploadError(f"tensor '{name}': global model + update is not finite")
+            arrays[name] = wire.npy_array(full)
+            del full
+    return ArrayRecord(arrays)
+
+
+def _shared_metric_keys(records: list[MetricRecord]) -> set[str]:
+    """Metric keys every accepted reply carries: Flower's aggregation needs the same keys
+    in all of them, so one reply's extra key cannot fail the round."""
+    if not records:
+        return set()
+    return set.intersection(*(set(r.keys()) for r in records))

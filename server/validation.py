@@ -1,7 +1,7 @@
 """Checks on every decoded update before a strategy sees it.
 
 Each update, against the global model: the same tensor names and shapes, dtype
-float32, every value finite. Then, across the round, its L2 norm must be at most
+float32, every value finite and at most ``MAX_MAGNITUDE`` (about 1.8e19) in magnitude. Then, across the round, its L2 norm must be at most
 ``validation-norm-multiple`` times a reference:
 
 * ``validation-clip-bound`` when set (> 0), e.g. the clipping norm clients apply
@@ -9,6 +9,9 @@ float32, every value finite. Then, across the round, its L2 norm must be at most
 * otherwise the median norm of the round's updates that passed the per-tensor
   checks. The median needs at least 3 updates to single out an outlier (of 2, each
   is within 2x of their median), so with fewer this check waits for the next round.
+
+Every reply's ``num-examples`` (its FedAvg weight) must lie in
+``[1, max-site-examples]``, so one site cannot claim the weight of all the others.
 
 A rejected upload counts as an offence of its node. The counts live as long as the
 ServerApp (the whole run), are written to every round's metrics (``offenders``)
@@ -18,6 +21,7 @@ and saved in checkpoints, so repeat offenders stay visible across rounds.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -28,6 +32,11 @@ from sepal.config import parse_section, require
 from sepal.wire import UploadError
 
 MIN_UPDATES_FOR_MEDIAN = 3
+NORM_CHUNK = 1 << 12
+# Largest magnitude an update or a model may hold: its square stays finite in float32
+# (norms, FedAdam's second moments), so one value cannot turn the next model into inf.
+MAX_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
+MAX_SITE_EXAMPLES_LIMIT = 2**31 - 1  # weights summed in float64 stay exact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,16 +47,24 @@ class ValidationConfig:
     validation_clip_bound: float = dataclasses.field(default=0.0, metadata={
         "help": "The reference norm, e.g. the clipping norm sites apply under DP (0 = the median "
                 "norm of the round's updates)."})
+    validation_norm_multiple: float = 10.0  # 0 switches the norm check off
+    validation_clip_bound: float = 0.0      # > 0: reference norm; 0: the round's median norm
+    max_site_examples: int = dataclasses.field(default=100_000, metadata={
+        "help": "Largest num-examples a site may declare; a reply claiming more is rejected, "
+                "so no site can take the weight of the others."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ValidationConfig:
         return parse_section(cls, values)
 
     def validate(self) -> None:
-        require(self.validation_norm_multiple == 0 or self.validation_norm_multiple >= 1,
-                "validation-norm-multiple", "must be 0 (off) or >= 1")
-        require(self.validation_clip_bound >= 0, "validation-clip-bound",
-                "must be >= 0 (0 = use the round's median norm)")
+        require(self.validation_norm_multiple == 0 or 1 <= self.validation_norm_multiple < math.inf,
+                "validation-norm-multiple", "must be 0 (off) or finite and >= 1")
+        require(math.isfinite(self.validation_clip_bound) and self.validation_clip_bound >= 0,
+                "validation-clip-bound", "must be finite and >= 0 (0 = use the round's median "
+                "norm)")
+        require(1 <= self.max_site_examples <= MAX_SITE_EXAMPLES_LIMIT, "max-site-examples",
+                f"must be in [1, {MAX_SITE_EXAMPLES_LIMIT}]")
 
 
 class UpdateValidator:
@@ -74,6 +91,9 @@ class UpdateValidator:
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
             if bad:
                 raise UploadError(f"tensor '{name}' holds {bad} NaN or Inf value(s)")
+            if array.size and float(np.abs(array).max()) > MAX_MAGNITUDE:
+                raise UploadError(f"tensor '{name}' holds a value beyond {MAX_MAGNITUDE:.3g}, "
+                                  "whose square overflows float32")
 
     def check_norms(self, updates: Mapping[int, Mapping[str, np.ndarray]]) -> dict[int, str]:
         """Node -> defect for the updates whose norm is out of bounds this round."""
@@ -107,4 +127,10 @@ class UpdateValidator:
 
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:
-    return float(np.sqrt(sum(np.square(a, dtype=np.float64).sum() for a in update.values())))
+    """L2 norm, summed in float64 a chunk at a time (no float64 copy of a whole tensor)."""
+    total = 0.0
+    for array in update.values():
+        flat = array.reshape(-1)
+        for start in range(0, flat.size, NORM_CHUNK):
+            total += float(np.square(flat[start:start + NORM_CHUNK], dtype=np.float64).sum())
+    return math.sqrt(total)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sepal.cli import version_text
+from sepal.config import check_declared_keys
 from simulations.processes import (
     ProcessGroup,
     flower_env,
@@ -126,6 +127,7 @@ def run_federated(run_config: dict[str, Any], num_supernodes: int, workdir: Path
     """
     workdir.mkdir(parents=True, exist_ok=True)
     run_config = dict(run_config)
+    check_declared_keys(run_config, app_defaults(app_dir))  # Flower would not name the key
     run_config.setdefault("run-name", f"federated-{time.strftime('%Y%m%d-%H%M%S')}")
     run_config["output-dir"] = str(Path(run_config.get("output-dir", "outputs")).resolve())
     flwr_home = workdir / "flwr-home"
@@ -282,8 +284,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
         return super()._get_help_string(action)
 
 
-def app_defaults() -> dict[str, Any]:
-    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
+def app_defaults(app_dir: Path = PROJECT_ROOT) -> dict[str, Any]:
+    with (app_dir / "pyproject.toml").open("rb") as handle:
         return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -58,7 +59,11 @@ def parse_params(text: str) -> dict[str, Any]:
         key = name.replace("-", "_")
         if key in params:
             raise ConfigError(f"run config 'strategy-params': '{name}' is given twice")
-        params[key] = _value(raw)
+        value = _value(raw)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"run config 'strategy-params': '{name}' must be finite, got "
+                              f"{raw}")
+        params[key] = value
         position = match.end()
     return params
 

@@ -135,7 +135,7 @@ MALFORMED = {
         lambda: handmade_topk([1], stream=np.array([0x81], np.uint8)), "truncated"),
     "more indices than declared": (
         lambda: handmade_topk([1], stream=encode_varints(np.array([1, 1], np.uint64))),
-        "holds 2 indices, the tensor table declares 1"),
+        "holds more than the 1 indices the tensor table declares"),
     "NaN scale": (lambda: _scale(np.nan), "scale is NaN or Inf"),
     "Inf scale": (lambda: _scale(np.inf), "scale is NaN or Inf"),
     "unknown codec": (lambda: (encoded("q8")[0], with_params(encoded("q8")[1], codec="fancy")),

@@ -121,7 +121,7 @@ def test_bad_index_streams_name_their_defect():
         delta_decode(delta_encode([np.array([1, 12])]), [2], [10], ["w"])
     with pytest.raises(UploadError, match="truncated"):
         delta_decode(np.array([0x85], np.uint8), [1], [10], ["w"])
-    with pytest.raises(UploadError, match="holds 2 indices, the tensor table declares 3"):
+    with pytest.raises(UploadError, match="holds 2 bytes, the tensor table declares 3 indices"):
         delta_decode(delta_encode([np.array([1, 2])]), [3], [10], ["w"])
     with pytest.raises(UploadError, match="longer than 5 bytes"):
         decode_varints(np.array([0x80] * 5 + [1], np.uint8))

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 
 from sepal.config import ConfigError, RunConfig
-from sepal.data import DataError, collate, load_split, partition
+from sepal.data import (
+    DataError,
+    check_labels_within,
+    check_site_label_names,
+    check_training_classes,
+    collate,
+    load_split,
+    partition,
+)
+from sepal.model import ModelError, load_tokenizer
 from sepal.task import NodeData
 
 
@@ -65,6 +74,12 @@ def test_head_is_a_fixed_seeded_subset(sst2):
         (b"sentence,label\nx,0\n", r"train\.csv: column 'text' missing"),
         (b"text,label\n", r"train\.csv: split 'train' is empty"),
         (b"text,label\nx,-1\n", r"train\.csv, row 2: label -1 out of range"),
+        (b"text,label\nfine,0\ngood, really,1\n", r"train\.csv, row 3: more fields than the "
+                                                  r"header"),
+        (b"text,label\nfine,0\nbad,1_0\n", r"train\.csv, row 3: label '1_0' is not an integer"),
+        (b"text,label\nfine,0\nbad,+1\n", r"train\.csv, row 3: label '\+1' is not an integer"),
+        ("text,label\nfine,0\nbad,\u0661\n".encode(), r"train\.csv, row 3: label '\u0661' is "
+                                                      r"not an integer"),
     ],
 )
 def test_bad_data_names_the_file_and_row(tmp_path, content, message):
@@ -106,3 +121,50 @@ def test_bad_run_config_names_the_key():
         RunConfig.from_mapping({"batch-size": "big"})
     with pytest.raises(ConfigError, match="node config 'data-path' is needed"):
         NodeData.from_node_config({})
+
+
+def test_huge_labels_without_label_names_are_refused(tmp_path):
+    folder = write_folder(tmp_path / "d", b"text,label\nfine,0\nhuge,1000000000\n", labels=None)
+    with pytest.raises(DataError, match=r"train\.csv, row 3: label 1000000000 without "
+                                        r"label_names\.json"):
+        load_split(str(folder), "train")
+
+
+def test_a_one_class_training_set_is_refused(tmp_path):
+    folder = write_folder(tmp_path / "d", b"text,label\na,1\nb,1\n")
+    with pytest.raises(DataError, match="every example has label 1; a classifier needs at "
+                                        "least two classes"):
+        check_training_classes(load_split(str(folder), "train"))
+
+
+def test_a_test_label_outside_the_training_classes_is_named(tmp_path):
+    folder = write_folder(tmp_path / "d", b"text,label\na,0\nb,1\n", labels=None)
+    (folder / "test.csv").write_bytes(b"text,label\na,0\nc,2\n")
+    train, test = load_split(str(folder), "train"), load_split(str(folder), "test")
+    with pytest.raises(DataError, match=r"test\.csv: label 2 of split 'test' is not one of the "
+                                        r"2 training classes"):
+        check_labels_within(test, train.label_names, "split 'test'")
+
+
+def test_a_site_listing_the_labels_in_another_order_is_refused(tmp_path):
+    folder = write_folder(tmp_path / "d", b"text,label\na,0\n", labels='["pos", "neg"]')
+    with pytest.raises(DataError, match=r"label_names\.json lists \['pos', 'neg'\], the "
+                                        r"federation's classes are \['neg', 'pos'\]"):
+        check_site_label_names(folder, ["neg", "pos"])
+    check_site_label_names(folder, ["pos", "neg"])
+
+
+def test_an_empty_dirichlet_partition_is_a_clear_error(tmp_path):
+    rows = b"text,label\n" + b"".join(b"t%d,%d\n" % (i, i % 2) for i in range(6))
+    split = load_split(str(write_folder(tmp_path / "d", rows, labels=None)), "train")
+    with pytest.raises(DataError, match=r"partition \d+ of 20 \(dirichlet, dirichlet-alpha "
+                                        r"0\.01\) of .* is empty"):
+        for partition_id in range(20):
+            partition(split, 20, partition_id, "dirichlet", 0.01, seed=0)
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="has no tokenizer files"):
+        load_tokenizer(str(tmp_path / "model"))

@@ -3,6 +3,7 @@ libraries that will read them (cryptography, OpenSSL via ssl, Flower's own loade
 
 from __future__ import annotations
 
+import datetime
 import ssl
 import stat
 import subprocess
@@ -195,3 +196,34 @@ def test_cli_reports_what_it_did_and_fails_cleanly(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text('name = "x"\n')
     assert main([str(tmp_path / "bad.toml"), "--out", str(tmp_path / "fed2")]) == 2
     assert "'superlink'" in capsys.readouterr().err
+
+
+def test_reprovisioning_over_an_expired_certificate_fails_clearly(tmp_path):
+    fed, spec = _provisioned(tmp_path)
+    ca_key = pki.load_private_key(fed / "ca" / "ca.key")
+    ca_cert = pki.load_certificate(fed / "ca" / "ca.pem")
+    key = pki.load_private_key(fed / "operator" / "superlink.key")
+    past = pki._now() - datetime.timedelta(days=30)
+    expired = pki.server_certificate_for(ca_key, ca_cert, key, spec.certificate_hosts, 1,
+                                         now=past)
+    (fed / "operator" / "superlink.pem").write_bytes(pki.certificate_pem(expired))
+    with pytest.raises(ProvisionError, match=r"superlink\.pem expired on .*re-issue"):
+        provision(spec, fed)
+    assert main([str(tmp_path / "federation.toml"), "--out", str(fed)]) != 0
+
+
+def test_reprovisioning_over_a_world_readable_key_fails_clearly(tmp_path):
+    fed, spec = _provisioned(tmp_path)
+    (fed / "operator" / "superlink.key").chmod(0o644)
+    with pytest.raises(ProvisionError, match=r"superlink\.key is readable by others \(mode "
+                                             r"0644\)"):
+        provision(spec, fed)
+
+
+@pytest.mark.parametrize("address", ["bad host:9093", "-x.example.org:9093", "a..b:9093",
+                                     "exa_mple.org:9093"])
+def test_an_invalid_host_name_is_refused(tmp_path, address):
+    text = DESCRIPTION.replace("fl.example.org:9093", address)
+    (tmp_path / "federation.toml").write_text(text)
+    with pytest.raises(ProvisionError, match="'superlink' host .* is not a DNS name"):
+        FederationSpec.from_toml(tmp_path / "federation.toml")

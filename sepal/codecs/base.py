@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 
-from sepal.wire import WIRE_VERSION, UploadError, arrays_to_record
+from sepal.wire import WIRE_VERSION, UploadError, arrays_to_record, read_array
 
 # Per-client state a codec keeps between rounds (e.g. error-feedback residuals);
 # the client stores it in its node's context.state so it survives fresh processes.
@@ -55,13 +55,10 @@ class Codec(ABC):
 
 
 def read_streams(payload: ArrayRecord) -> Streams:
-    streams = {}
-    for key, array in payload.items():
-        try:
-            streams[key] = array.numpy()
-        except (ValueError, TypeError, OSError) as err:
-            raise UploadError(f"stream '{key}' is not a readable array ({err})") from err
-    return streams
+    if not isinstance(payload, ArrayRecord):
+        raise UploadError(f"the upload's payload is a {type(payload).__name__}, expected an "
+                          "ArrayRecord")
+    return {key: read_array(array, f"stream '{key}'") for key, array in payload.items()}
 
 
 def take_stream(streams: Streams, key: str, dtype: type) -> np.ndarray:

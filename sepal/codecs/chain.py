@@ -19,6 +19,8 @@ lossless pass compresses the result.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
@@ -57,7 +59,7 @@ def parse_chain(text: str, key: str = "upload-codec") -> ChainSpec:
     seen: set[str] = set()
     for stage in (s.strip() for s in text.split(",")):
         name, _, rest = stage.partition(":")
-        kind = "q" if name[:1] == "q" and name[1:].isdigit() else name
+        kind = "q" if name[:1] == "q" and _is_whole(name[1:]) else name
         role = "lossless" if kind in METHODS else kind
         if role in seen:
             raise ConfigError(f"run config '{key}': stage '{role}' appears twice in {text!r}")
@@ -138,14 +140,14 @@ def _topk(rest: str, key: str) -> dict:
         k = float(amount)
     except ValueError:
         k = -1.0
-    if not (0 < k < 1 or (k >= 1 and k == int(k))):
+    if not math.isfinite(k) or not (0 < k < 1 or (k >= 1 and k == int(k))):
         raise ConfigError(f"run config '{key}': topk needs a fraction in (0, 1) or a whole "
                           f"count >= 1, got {amount!r}")
     scope = scope or "global"
     if scope not in SCOPES:
         raise ConfigError(f"run config '{key}': topk scope must be one of {SCOPES}, "
                           f"got {scope!r}")
-    if whole and not whole.isdigit():
+    if whole and not _is_whole(whole):
         raise ConfigError(f"run config '{key}': the whole-tensor size of topk must be a whole "
                           f"number of elements >= 0, got {whole!r}")
     return {"topk": k, "topk_scope": scope, "topk_whole_below": int(whole or 0)}
@@ -158,7 +160,12 @@ def _quantize(name: str, rest: str, key: str) -> dict:
                           f"(q8, q4 or q2)")
     if not rest:
         return {"bits": bits}
-    if not rest.isdigit():
+    if not _is_whole(rest):
         raise ConfigError(f"run config '{key}': the block of '{name}' must be a whole number "
                           f">= 0 (0 = one scale per tensor), got {rest!r}")
     return {"bits": bits, "block": int(rest)}
+
+
+def _is_whole(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` accepts '²' and other digits ``int`` refuses)."""
+    return bool(re.fullmatch(r"[0-9]+", text))

@@ -5,7 +5,8 @@ compressed into a uint8 stream of the same name. Params: ``lossless`` (the metho
 ``lossless-streams`` and ``lossless-sizes`` (each stream's uncompressed size).
 Decompression never produces more than the declared size, and the declared sizes
 together may not exceed what the model's size allows, so a small upload cannot
-expand into a huge one.
+expand into a huge one; the lzma decoder's own memory is capped (``LZMA_MEMLIMIT``),
+whatever dictionary size a stream's header asks for.
 
 zlib and lzma come with Python; zstd is offered where Python has ``compression.zstd``
 (3.14 and later), whose streaming API is the same as lzma's.
@@ -22,9 +23,12 @@ import zlib
 import numpy as np
 
 from sepal.codecs.base import Codec, int_list, param, take_stream
-from sepal.wire import UploadError
+from sepal.wire import UploadError, load_npy
 
 METHODS = ("zlib", "lzma", "zstd")
+# The decoder's dictionary is the size the stream's header asks for (up to 1.5 GiB);
+# preset 6, which the encoder uses, needs about 9 MiB.
+LZMA_MEMLIMIT = 16 << 20
 
 
 def zstd_module():
@@ -80,11 +84,7 @@ def decompress_streams(streams, params, shapes):
     result = {}
     for key, size in zip(names, sizes):
         raw = _decompress(method, take_stream(streams, key, np.uint8).tobytes(), size, key)
-        try:
-            result[key] = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise UploadError(f"stream '{key}' decompresses to no readable array ({err})") \
-                from err
+        result[key] = load_npy(raw, f"stream '{key}' (decompressed)")
     return result
 
 
@@ -104,7 +104,7 @@ def _decompress(method: str, data: bytes, size: int, key: str) -> bytes:
             raw = decompressor.decompress(data, size + 1)
             complete = decompressor.eof
         else:
-            decompressor = (lzma.LZMADecompressor() if method == "lzma"
+            decompressor = (lzma.LZMADecompressor(memlimit=LZMA_MEMLIMIT) if method == "lzma"
                             else zstd_module().ZstdDecompressor())
             raw = decompressor.decompress(data, size + 1)
             complete = decompressor.eof

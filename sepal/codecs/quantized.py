@@ -14,7 +14,7 @@ from collections import OrderedDict
 import numpy as np
 
 from sepal.codecs.base import Codec, expect_streams
-from sepal.codecs.table import TensorEntry, read_table, write_table
+from sepal.codecs.table import TensorEntry, model_size, read_table, write_table
 from sepal.codecs.values import QuantizedValues, ValueCoding
 from sepal.wire import UploadError
 
@@ -34,7 +34,7 @@ class QuantizedCodec(Codec):
     @classmethod
     def decode_streams(cls, streams, params, shapes):
         entries = read_table(params, shapes, with_counts=False)
-        values = ValueCoding.from_params(params)
+        values = ValueCoding.from_params(params, model_size(shapes))
         if not isinstance(values, QuantizedValues):
             raise UploadError("codec parameter 'bits' missing from a quantized upload")
         expect_streams(streams, set(values.streams))

@@ -133,6 +133,8 @@ def unpack_levels(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 def _per_value(scales: np.ndarray, block: int, count: int) -> np.ndarray:
     if count == 0:
         return np.zeros(0, dtype=np.float32)
-    if block == 0:
+    if block == 0 or block >= count:
         return np.full(count, scales[0], dtype=np.float32)
-    return np.repeat(scales.astype(np.float32), block)[:count]
+    repeats = np.full(scales.size, block, dtype=np.int64)
+    repeats[-1] = count - block * (scales.size - 1)  # the last block may be shorter
+    return np.repeat(scales.astype(np.float32), repeats)

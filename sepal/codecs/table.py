@@ -26,6 +26,11 @@ class TensorEntry:
         return math.prod(self.shape)
 
 
+def model_size(shapes: Shapes) -> int:
+    """Elements in the whole model: the bound on every size an upload declares."""
+    return sum(math.prod(shape) for shape in shapes.values())
+
+
 def write_table(entries: list[TensorEntry], with_counts: bool) -> Params:
     params: Params = {
         "tensors": [e.name for e in entries],

@@ -27,7 +27,7 @@ from collections import OrderedDict
 import numpy as np
 
 from sepal.codecs.base import Codec, expect_streams, take_stream
-from sepal.codecs.table import TensorEntry, read_table, write_table
+from sepal.codecs.table import TensorEntry, model_size, read_table, write_table
 from sepal.codecs.values import ValueCoding
 from sepal.codecs.varint import delta_decode, delta_encode
 
@@ -75,7 +75,7 @@ class TopKCodec(Codec):
     @classmethod
     def decode_streams(cls, streams, params, shapes):
         entries = read_table(params, shapes, with_counts=True)
-        values = ValueCoding.from_params(params)
+        values = ValueCoding.from_params(params, model_size(shapes))
         expect_streams(streams, {"indices"} | set(values.streams))
         indices = delta_decode(take_stream(streams, "indices", np.uint8),
                                [e.count for e in entries], [e.size for e in entries],

@@ -45,15 +45,18 @@ class ValueCoding(ABC):
         """One float32 vector of ``entry.count`` values per entry."""
 
     @staticmethod
-    def from_params(params: Params) -> ValueCoding:
+    def from_params(params: Params, model_size: int) -> ValueCoding:
+        """The coding an upload's params name; ``block`` may not exceed ``model_size``
+        (the model's element count), so no block asks for more than the model holds."""
         if "bits" not in params:
             return Float32Values()
         bits = param(params, "bits", int)
         block = param(params, "block", int)
         if bits not in CODEC_BITS:
             raise UploadError(f"codec parameter 'bits' is {bits}, supported: {CODEC_BITS}")
-        if block < 0:
-            raise UploadError(f"codec parameter 'block' is {block}, must be >= 0")
+        if not 0 <= block <= model_size:
+            raise UploadError(f"codec parameter 'block' is {block}, must be in [0, "
+                              f"{model_size}] (0 = one block per tensor)")
         return QuantizedValues(bits, block, rng=None)
 
 

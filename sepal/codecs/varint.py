@@ -14,6 +14,7 @@ import numpy as np
 from sepal.wire import UploadError
 
 MAX_VARINT_BYTES = 5  # 35 bits: any flat index below 2**32
+CHUNK_BYTES = 1 << 20  # decoded at a time: bounds the temporaries
 
 
 def delta_encode(sorted_indices: list[np.ndarray]) -> np.ndarray:
@@ -24,11 +25,12 @@ def delta_encode(sorted_indices: list[np.ndarray]) -> np.ndarray:
 
 def delta_decode(stream: np.ndarray, counts: list[int], sizes: list[int],
                  names: list[str]) -> list[np.ndarray]:
-    """Split ``stream`` into each tensor's indices, checking count, range and repeats."""
-    gaps = decode_varints(stream)
-    if gaps.size != sum(counts):
-        raise UploadError(f"indices: the stream holds {gaps.size} indices, the tensor table "
-                          f"declares {sum(counts)}")
+    """Split ``stream`` into each tensor's indices, checking count, range and repeats.
+
+    The counts come from the tensor table (each at most its tensor's size), so the
+    stream's length is checked against them before anything is decoded.
+    """
+    gaps = decode_varints(stream, sum(counts)).view(np.int64)  # < 2**35: same bits
     result = []
     start = 0
     for count, size, name in zip(counts, sizes, names):
@@ -38,11 +40,11 @@ def delta_decode(stream: np.ndarray, counts: list[int], sizes: list[int],
             position = int(np.flatnonzero(tensor_gaps[1:] == 0)[0]) + 1
             repeated = int(tensor_gaps[:position + 1].sum())
             raise UploadError(f"tensor '{name}': duplicate index {repeated}")
-        indices = np.cumsum(tensor_gaps, dtype=np.uint64)
+        indices = np.cumsum(tensor_gaps, out=tensor_gaps)  # in place: no second copy
         if count and indices[-1] >= size:
             raise UploadError(f"tensor '{name}': index {int(indices[-1])} out of range "
                               f"(the tensor has {size} elements)")
-        result.append(indices.astype(np.int64))
+        result.append(indices)
     return result
 
 
@@ -66,18 +68,49 @@ def encode_varints(values: np.ndarray) -> np.ndarray:
     return table[np.arange(width)[None, :] < lengths[:, None]]
 
 
-def decode_varints(stream: np.ndarray) -> np.ndarray:
+def decode_varints(stream: np.ndarray, expected: int | None = None) -> np.ndarray:
+    """The uint64 values of a varint stream; with ``expected``, exactly that many.
+
+    The stream's length is checked against ``expected`` first (each varint takes 1 to
+    ``MAX_VARINT_BYTES`` bytes), then it is decoded in chunks, so memory stays at the
+    output plus one chunk whatever the stream holds.
+    """
     stream = np.asarray(stream, dtype=np.uint8).ravel()
-    if stream.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    last = (stream & 0x80) == 0
-    if not last[-1]:
+    if stream.size and stream[-1] & 0x80:
         raise UploadError("indices: the stream ends inside a varint (truncated)")
-    ends = np.flatnonzero(last)
+    if expected is None:
+        expected = int(np.count_nonzero(stream < 0x80))
+    elif not expected <= stream.size <= MAX_VARINT_BYTES * expected:
+        raise UploadError(f"indices: the stream holds {stream.size} bytes, the tensor table "
+                          f"declares {expected} indices ({expected} to "
+                          f"{MAX_VARINT_BYTES * expected} bytes)")
+    values = np.empty(expected, dtype=np.uint64)
+    done = start = 0
+    while start < stream.size:
+        piece = stream[start:start + CHUNK_BYTES]
+        ends = np.flatnonzero(piece < 0x80)
+        if ends.size == 0:
+            raise UploadError(f"indices: a varint is longer than {MAX_VARINT_BYTES} bytes")
+        piece = piece[:ends[-1] + 1]  # a varint cut by the chunk's end waits for the next
+        decoded = _decode_whole(piece, ends)
+        if done + decoded.size > expected:
+            raise UploadError(f"indices: the stream holds more than the {expected} indices "
+                              "the tensor table declares")
+        values[done:done + decoded.size] = decoded
+        done += decoded.size
+        start += piece.size
+    if done != expected:
+        raise UploadError(f"indices: the stream holds {done} indices, the tensor table "
+                          f"declares {expected}")
+    return values
+
+
+def _decode_whole(piece: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Varints of ``piece``, which ends at the end of one; ``ends``: their last bytes."""
     starts = np.concatenate(([0], ends[:-1] + 1))
     lengths = ends - starts + 1
     if lengths.max() > MAX_VARINT_BYTES:
         raise UploadError(f"indices: a varint is longer than {MAX_VARINT_BYTES} bytes")
-    position = np.arange(stream.size) - np.repeat(starts, lengths)
-    parts = (stream & np.uint8(0x7F)).astype(np.uint64) << (7 * position).astype(np.uint64)
+    position = np.arange(piece.size) - np.repeat(starts, lengths)
+    parts = (piece & np.uint8(0x7F)).astype(np.uint64) << (7 * position).astype(np.uint64)
     return np.add.reduceat(parts, starts)

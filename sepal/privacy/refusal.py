@@ -52,10 +52,27 @@ class PrivacyRefusal(Exception):
 
 
 def read_reply_privacy(content: RecordDict) -> tuple[ConfigRecord | None, Refusal | None]:
-    """A reply's privacy report and refusal (either may be absent)."""
-    report = content[wire.PRIVACY_KEY] if wire.PRIVACY_KEY in content else None
-    if report is not None and not isinstance(report.get("epsilon"), float):
-        raise wire.UploadError(f"privacy report without a float 'epsilon': {dict(report)}")
-    refusal = (Refusal.from_record(content[wire.REFUSAL_KEY])
-               if wire.REFUSAL_KEY in content else None)
+    """A reply's privacy report and refusal (either may be absent); UploadError if one is
+    malformed: a report needs an ``epsilon`` >= 0 and a ``delta`` in (0, 1)."""
+    report = _config_record(content, wire.PRIVACY_KEY)
+    if report is not None:
+        epsilon, delta = report.get("epsilon"), report.get("delta")
+        if not isinstance(epsilon, float) or not epsilon >= 0:  # NaN fails too
+            raise wire.UploadError(f"privacy report without a float 'epsilon' >= 0: "
+                                   f"{epsilon!r}")
+        if not isinstance(delta, float) or not 0 < delta < 1:
+            raise wire.UploadError(f"privacy report without a float 'delta' in (0, 1): "
+                                   f"{delta!r}")
+    refusal_record = _config_record(content, wire.REFUSAL_KEY)
+    refusal = Refusal.from_record(refusal_record) if refusal_record is not None else None
     return report, refusal
+
+
+def _config_record(content: RecordDict, key: str) -> ConfigRecord | None:
+    if key not in content:
+        return None
+    record = content[key]
+    if not isinstance(record, ConfigRecord):
+        raise wire.UploadError(f"record '{key}' is a {type(record).__name__}, expected a "
+                               "ConfigRecord")
+    return record

@@ -5,6 +5,7 @@
 ``tensorboard/``     the same scalars for TensorBoard
 ``plot.png``         accuracy and loss over rounds, redrawn after every round
 ``model/``           the final global model, ``save_pretrained`` (model + tokenizer)
+``privacy.json``     what each site's data is guaranteed (``server/privacy_statement.py``)
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ rounding is refused at start-up.
 
 Accounting: one release per round that produced an aggregate; neighbours differ by one
 client's whole clipped update replaced by zero (zero-out: the mean's denominator is the
-sampled count m either way), which for a Gaussian sum costs what add/remove-one costs; no amplification by client sampling (Flower samples without replacement from
-whoever is connected, not Poisson); RDP via Flower's ``RdpAccountant`` (``flwr[dp]``,
+sampled count m either way), which for a Gaussian sum costs what add/remove-one costs;
+no amplification by client sampling (Flower samples without replacement from whoever is
+connected, not Poisson); RDP via Flower's ``RdpAccountant`` (``flwr[dp]``,
 Google's dp-accounting). Fixed clipping hands the accountant to Flower's wrapper, which
 composes it and refuses to aggregate a round whose reply count differs from the sample.
 Flower's adaptive wrappers take no accountant, so :class:`UserLevelDP` composes the same

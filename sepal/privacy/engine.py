@@ -154,8 +154,17 @@ class ClientPrivacy:
         ``history`` and the run together (when no noise can fit the cap, the budget check
         refuses). Raises ConfigError naming a setting that makes it impossible."""
         count = [(policy.count_noise_multiplier, 1.0, 1)]
-        sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan, policy.accountant,
-                                where="this site's", prior=count)
+        try:
+            sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan,
+                                    policy.accountant, where="this site's", prior=count)
+        except ConfigError as err:
+            if policy.max_epsilon != policy.target_epsilon:
+                raise
+            raise ConfigError(
+                f"node config 'dp-max-epsilon' {policy.max_epsilon:g} is below the ε of the "
+                f"noisy example count alone (noise std 'dp-count-noise-multiplier' "
+                f"{policy.count_noise_multiplier:g} at δ={policy.delta:g}): this site can "
+                "never train; raise the cap or the count's noise") from err
         if policy.max_epsilon and history:
             with contextlib.suppress(ConfigError):
                 sigma = max(sigma, calibrate_noise(policy.max_epsilon, policy.delta, plan,

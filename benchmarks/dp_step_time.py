@@ -54,7 +54,7 @@ def measure(name: str, steps: int, batch_size: int, seq: int, threads: int) -> d
     model = LoraSettings(lora=lora).apply(build_model("minilm", ["negative", "positive"], 0))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
-    policy = EffectivePrivacy.combine(DPSGDSettings(dp_sgd=True), SitePolicy())
+    policy = EffectivePrivacy.combine(DPSGDSettings(dp_sgd=True), SitePolicy(), len(dataset))
     privacy = ClientPrivacy(policy, LocalPlan(len(dataset), batch_size, 1, 1), 1.0)
     warmup = torch.utils.data.Subset(dataset, range(2 * batch_size))
     device = torch.device("cpu")

@@ -21,6 +21,8 @@ from sepal.lora import LoraSettings
 from sepal.model import resolve_device
 from sepal.privacy import PrivacyRefusal, UserLevelDPSettings, clip_update
 from sepal.privacy.engine import ClientPrivacy
+from sepal.privacy.user_level import Rounding
+from sepal.secagg.config import SecAggConfig
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import evaluate as evaluate_model
 
@@ -46,15 +48,16 @@ def train(msg: Message, context: Context) -> Message:
                              lora=LoraSettings.from_run_config(context.run_config))
     stats = training.run(global_weights, server_round, privacy,
                          proximal_mu=float(config.get("proximal-mu", 0.0)))  # sent by FedProx
-    if privacy:
-        privacy.save(context)
     update = OrderedDict(
         (name, (local - global_weights[name]).astype(np.float32))
         for name, local in training.local_weights().items()
     )
     update = apply_test_attack(update, TestAttack.from_mapping(context.run_config), node)
+    rounding = Rounding.of_upload(sum(v.size for v in update.values()),
+                                  str(config.get("upload-codec", "dense")),
+                                  SecAggConfig.from_mapping(context.run_config))
     clip_metrics = clip_update(update, config,
-                               UserLevelDPSettings.from_run_config(context.run_config))
+                               UserLevelDPSettings.from_run_config(context.run_config), rounding)
 
     codec = build_codec(str(config.get("upload-codec", "dense")))
     state = context.state.get(CODEC_STATE_KEY) if CODEC_STATE_KEY in context.state else None
@@ -62,13 +65,16 @@ def train(msg: Message, context: Context) -> Message:
     if new_state is not None:
         context.state[CODEC_STATE_KEY] = new_state
 
-    metrics = MetricRecord({
-        wire.NUM_EXAMPLES: stats.examples_in_split,
-        "train-loss": stats.loss,
-        "train-accuracy": stats.accuracy,
-        "train-steps": stats.steps,
-        **clip_metrics,
-    })
+    if privacy:  # nothing outside the ledger: the accounted noisy count, no loss or steps
+        metrics = MetricRecord({wire.NUM_EXAMPLES: privacy.count, **clip_metrics})
+    else:
+        metrics = MetricRecord({
+            wire.NUM_EXAMPLES: stats.examples_in_split,
+            "train-loss": stats.loss,
+            "train-accuracy": stats.accuracy,
+            "train-steps": stats.steps,
+            **clip_metrics,
+        })
     content = RecordDict({
         wire.UPDATE_KEY: payload,
         wire.CODEC_KEY: codec_params,

@@ -18,6 +18,7 @@ from sepal.lora import LoraSettings
 from sepal.model import get_weights
 from sepal.privacy import DPSGDSettings, UserLevelDPSettings
 from sepal.privacy.engine import check_run_settings
+from sepal.secagg.config import SecAggConfig
 from sepal.task import (
     build_task_model,
     centralized_train_split,
@@ -25,10 +26,11 @@ from sepal.task import (
     run_train_size,
     server_test_split,
 )
-from server.central_dp import wrap_with_user_level_dp
+from server.central_dp import check_user_level_rounding, wrap_with_user_level_dp
 from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger
 from server.evaluation import ServerEvaluator
 from server.privacy_monitor import PrivacyMonitor
+from server.privacy_statement import write_privacy_statement
 from server.progress import run_header, run_summary_lines
 from server.run_output import RunOutput, all_settings, claim_run_folder
 from server.secure_aggregation import federation_class
@@ -90,6 +92,10 @@ def serve(grid: Grid, context: Context) -> Path:
             log.info(line)
         initial = get_weights(model)
         del model
+        check_user_level_rounding(UserLevelDPSettings.from_run_config(context.run_config),
+                                  sum(v.size for v in initial.values()),
+                                  compression.upload_codec,
+                                  SecAggConfig.from_mapping(context.run_config))
         evaluator = ServerEvaluator(cfg, label_names, lora)
         federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
                                      train_config={"upload-codec": compression.upload_codec,
@@ -98,6 +104,7 @@ def serve(grid: Grid, context: Context) -> Path:
                                      privacy=PrivacyMonitor(cfg.min_train_nodes, strategy),
                                      validator=validator, checkpoints=checkpoints)
         final = federation.run(initial, resume_from=resume_from)
+        write_privacy_statement(output.folder, federation.privacy.statement())
         evaluator.export(final, output.model_path)
         checkpoint_folder = checkpoints.folder if checkpoints is not None else None
         summary = output.write_summary(time.time() - started, checkpoint_folder)

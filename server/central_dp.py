@@ -13,9 +13,15 @@ aggregation. Adaptive clipping (Andrew et al. 2021) also releases a noisy count 
 updates (std sigma_b); Flower splits z between the two queries so that together they cost
 one Gaussian release of multiplier z.
 
-Accounting: one release per round that produced an aggregate; add/remove-one-client
-neighbours; no amplification by client sampling (Flower samples without replacement from
-whoever is connected, not Poisson); RDP via Flower's ``RdpAccountant`` (``flwr[dp]``,
+Client-side clipping is to the norm C less what the upload's rounding can add
+(:class:`~sepal.privacy.user_level.Rounding`), so the sensitivity stays C; too coarse a
+rounding is refused at start-up.
+
+Accounting: one release per round that produced an aggregate; neighbours differ by one
+client's whole clipped update replaced by zero (zero-out: the mean's denominator is the
+sampled count m either way), which for a Gaussian sum costs what add/remove-one costs;
+no amplification by client sampling (Flower samples without replacement from whoever is
+connected, not Poisson); RDP via Flower's ``RdpAccountant`` (``flwr[dp]``,
 Google's dp-accounting). Fixed clipping hands the accountant to Flower's wrapper, which
 composes it and refuses to aggregate a round whose reply count differs from the sample.
 Flower's adaptive wrappers take no accountant, so :class:`UserLevelDP` composes the same
@@ -51,6 +57,8 @@ from flwr.supercore.privacy_accounting import (
 from sepal import wire
 from sepal.config import ConfigError, RunConfig, require
 from sepal.privacy.config import UserLevelDPSettings
+from sepal.privacy.user_level import Rounding
+from sepal.secagg.config import SecAggConfig
 
 log = logging.getLogger("sepal.server")
 
@@ -181,6 +189,15 @@ def wrap_with_user_level_dp(strategy: Strategy, settings: UserLevelDPSettings, g
             f"{settings.user_dp_delta:g} must be below 1/number of clients = {1 / population:g}")
     num_sampled = max(int(population * cfg.fraction_train), cfg.min_train_nodes)
     return UserLevelDP(strategy, settings, num_sampled, population)
+
+
+def check_user_level_rounding(settings: UserLevelDPSettings, dim: int, upload_codec: str,
+                              secagg: SecAggConfig) -> None:
+    """Start-up: client-side clipping whose rounding (codec, secure aggregation) would
+    break the sensitivity C stops the run with an error naming the setting; clients then
+    clip to the smaller norm of :class:`~sepal.privacy.user_level.Rounding`."""
+    if settings.enabled and settings.client_side:
+        Rounding.of_upload(dim, upload_codec, secagg).clipping_norm(settings.user_dp_clipping_norm)
 
 
 def _contributors(reply: Message) -> int:

@@ -183,8 +183,9 @@ def open_checkpoints(settings: CheckpointConfig, cfg: RunConfig, run_name: str,
 
 def privacy_ledger(run_name: str, settings: CheckpointConfig,
                    resume_from: Checkpoint | None) -> PrivacyLedger:
-    """The privacy ledger the clients charge this run's ε to: the run's name and, with
-    ``resume``, the first round this run trains. That is round 1 when there is no
+    """How clients know this run: its name (which keys the noise multiplier and noisy
+    count a site keeps for it; ε goes to the site's lifetime ledger whatever the name) and,
+    with ``resume``, the first round this run trains. That is round 1 when there is no
     checkpoint yet: a run killed during round 1 may already have trained some sites."""
     if not settings.resume:
         return PrivacyLedger(run_name)

@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import Strategy
 
 from sepal.privacy.refusal import Refusal
 from server.central_dp import UserLevelDP
+from server.privacy_statement import privacy_statement
 from server.uploads import DecodedRound
 
 log = logging.getLogger("sepal.server")
@@ -30,6 +31,7 @@ class PrivacyMonitor:
         self.min_train_nodes = min_train_nodes
         self.user_level = strategy if isinstance(strategy, UserLevelDP) else None
         self.epsilon: dict[int, float] = {}
+        self.reports: dict[int, dict[str, Any]] = {}  # each site's last privacy report
         self.stopped_sites: dict[int, Refusal] = {}
         self.stop_reason: str | None = None
 
@@ -38,12 +40,15 @@ class PrivacyMonitor:
         for record in rounds:
             for node, epsilon in record.get("epsilon_per_client", {}).items():
                 self.epsilon[int(node)] = float(epsilon)
+            for node, report in record.get("privacy_reports", {}).items():
+                self.reports[int(node)] = dict(report)
 
     def round_record(self, decoded: DecodedRound, connected_nodes: int) -> dict[str, Any]:
         """The round's privacy fields for metrics.jsonl; decides whether the run stops."""
         record: dict[str, Any] = {}
         for node, report in decoded.privacy.items():
             self.epsilon[node] = float(report["epsilon"])
+            self.reports[node] = dict(report)
         for node, refusal in decoded.refused.items():
             if node not in self.stopped_sites:
                 log.warning("site %d stopped taking part (%s): %s", node, refusal.code,
@@ -53,6 +58,8 @@ class PrivacyMonitor:
             record["epsilon_per_client"] = {str(k): v for k, v in sorted(self.epsilon.items())}
             record["delta_per_client"] = {str(k): float(v["delta"])
                                           for k, v in sorted(decoded.privacy.items())}
+            record["privacy_reports"] = {str(k): dict(v)
+                                         for k, v in sorted(decoded.privacy.items())}
         if decoded.refused:
             record["refusals"] = {str(k): {"code": r.code, "reason": r.reason}
                                   for k, r in decoded.refused.items()}
@@ -72,3 +79,18 @@ class PrivacyMonitor:
                     f"{node} ({refusal.code})" for node, refusal in self.stopped_sites.items()))
             record["run_stopped"] = self.stop_reason
         return record
+
+    def statement(self) -> dict[str, Any]:
+        """The run's privacy statement (``server/privacy_statement.py``) so far."""
+        user_level = None
+        if self.user_level is not None:
+            spent = self.user_level.privacy_spent()
+            settings = self.user_level.settings
+            user_level = {
+                "mode": settings.user_dp,
+                "epsilon": spent.epsilon if spent is not None else None,
+                "delta": spent.delta if spent is not None else settings.user_dp_delta,
+                "noise_multiplier": settings.user_dp_noise_multiplier,
+                "clipping_norm": self.user_level.clipping_norm(),
+            }
+        return privacy_statement(self.reports, user_level)

@@ -52,13 +52,16 @@ DEFAULT_NODE_CONFIG: dict[str, Any] = {
     "device": "auto",
     "dp-max-epsilon": 8.0,
     "dp-delta": 1e-5,
+    "dp-state-dir": "/var/lib/sepal/dp-state",
 }
 NODE_CONFIG_COMMENTS = {
     "data-path": "folder with this institution's train.csv / test.csv and label_names.json",
     "device": "auto, cpu or cuda[:N]",
-    "dp-max-epsilon": "this site's privacy budget: the most epsilon it will spend in a run "
-                      "(DP-SGD on; 0 = no cap)",
-    "dp-delta": "the delta of that budget (0 = the run's dp-delta)",
+    "dp-max-epsilon": "this site's privacy budget: the most epsilon its data will spend over "
+                      "every run (DP-SGD on; 0 = no cap; needs dp-state-dir)",
+    "dp-delta": "the delta of that budget (0 = min(1e-5, 1/(10 n)) with a cap)",
+    "dp-state-dir": "a durable folder, kept and backed up, for this site's lifetime privacy "
+                    "ledger (privacy-ledger.json); deleting it forgets what the data spent",
 }
 AUTH_KEY = "supernode-auth.key"
 AUTH_PUB = "supernode-auth.pub"
@@ -343,11 +346,6 @@ def _node_config_toml(spec: FederationSpec, institution: Institution) -> str:
         if key in NODE_CONFIG_COMMENTS:
             lines.append(f"# {NODE_CONFIG_COMMENTS[key]}")
         lines.append(f"{key} = {_toml_scalar(value)}")
-    if "dp-state-dir" not in institution.node_config:
-        lines += ["# a durable folder for the privacy accountant, so that a SuperNode restarted",
-                  "# mid-run, or a run resumed from a checkpoint, goes on counting the epsilon",
-                  "# it spent (recommended; without it this site does not train in a resumed run):",
-                  '# dp-state-dir = "/var/lib/sepal/dp-state"']
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@
 ``tensorboard/``     the same scalars for TensorBoard, sites named ``site-N``
 ``plot.png``         accuracy and loss over rounds, redrawn after every round
 ``model/``           the final global model, ``save_pretrained`` (model + tokenizer)
+``privacy.json``     what each site's data is guaranteed (``server/privacy_statement.py``)
 
 Node ids are drawn anew by Flower for every run; TensorBoard tags and the summary name
 the sites ``site-1``, ``site-2``, ... in the order their node ids first took part

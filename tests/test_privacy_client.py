@@ -39,6 +39,7 @@ from sepal.privacy import (
     site_policy,
 )
 from sepal.privacy.engine import ClientPrivacy, LocalPlan, check_run_settings
+from sepal.privacy.site_ledger import Account
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import MODEL_INPUTS
 from tests.conftest import PROJECT_ROOT, SST2
@@ -79,13 +80,17 @@ def client_context(node_config: dict, state: RecordDict | None = None, run_id: i
                    run_config={**RUN, **run_config})
 
 
-def independent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Google's dp-accounting (not Opacus) for ``steps`` Poisson-sampled Gaussian steps, on
-    Opacus' grid of RDP orders (dp-accounting skips the few it cannot evaluate)."""
+def independent_epsilon(sigma: float, sample_rate: float, steps: int, delta: float,
+                        count_sigma: float | None = None) -> float:
+    """Google's dp-accounting (not Opacus) for ``steps`` Poisson-sampled Gaussian steps and,
+    with ``count_sigma``, one Gaussian count release, on Opacus' grid of RDP orders
+    (dp-accounting skips the few it cannot evaluate)."""
     logging.getLogger("absl").setLevel(logging.ERROR)
     accountant = rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
     accountant.compose(dp_accounting.PoissonSampledDpEvent(
         sample_rate, dp_accounting.GaussianDpEvent(sigma)), steps)
+    if count_sigma is not None:
+        accountant.compose(dp_accounting.GaussianDpEvent(count_sigma))
     return float(accountant.get_epsilon(delta))
 
 
@@ -138,11 +143,11 @@ def test_per_example_gradients_are_clipped_to_the_bound(lora):
     assert total <= 8 * bound / expected_batch * (1 + 1e-5)
 
 
-def test_epsilon_is_cumulative_across_a_fresh_process_and_the_site_cap_holds(tmp_path):
+def test_epsilon_is_cumulative_across_a_fresh_process(tmp_path):
     """Round 1 in this process; round 2 in a new Python process fed only the node's
     context.state (serialized as Flower serializes it); round 3 back here. The ε reported
-    each round equals Google's dp-accounting for the same q, noise and step count; the
-    round that would pass the site's dp-max-epsilon is refused, not trained."""
+    each round equals Google's dp-accounting for the same q, noise and step count plus the
+    one noisy count; the reply carries that count and nothing else of the data."""
     from client.app import train
 
     context = client_context(dict(NODE))
@@ -150,13 +155,13 @@ def test_epsilon_is_cumulative_across_a_fresh_process_and_the_site_cap_holds(tmp
     report = first.content[wire.PRIVACY_KEY]
     sigma = report["noise-multiplier"]
     assert (report["sample-rate"], report["steps"]) == (0.2, 5)
-    curve = [independent_epsilon(sigma, 0.2, 5 * r, 1e-5) for r in (1, 2, 3)]
-    assert 7.95 <= curve[2] <= 8.0  # calibrated once so that the planned 3 rounds end at 8
+    curve = [independent_epsilon(sigma, 0.2, 5 * r, 1e-5, count_sigma=20.0) for r in (1, 2, 3)]
+    assert 7.98 <= curve[2] <= 8.01  # calibrated once: 3 rounds and the count end at 8
     assert report["epsilon"] == pytest.approx(curve[0], rel=1e-3)
+    metrics = first.content[wire.METRICS_KEY]
+    assert set(metrics) == {wire.NUM_EXAMPLES}
+    count = metrics[wire.NUM_EXAMPLES]
 
-    # the site tightens its policy (node config is read every round): round 2 fits under
-    # the cap, round 3 would not
-    cap = float(curve[1] + curve[2]) / 2
     state_file = tmp_path / "state.pb"
     state_file.write_bytes(recorddict_to_proto(context.state).SerializeToString())
     script = f"""
@@ -167,10 +172,10 @@ from tests.test_privacy_client import client_context, train_message, NODE
 from client.app import train
 proto = RecordDict()
 proto.ParseFromString(open({str(state_file)!r}, "rb").read())
-context = client_context({{**NODE, "dp-max-epsilon": {cap!r}}}, recorddict_from_proto(proto))
+context = client_context(dict(NODE), recorddict_from_proto(proto))
 reply = train(train_message(2), context)
 open({str(state_file)!r}, "wb").write(recorddict_to_proto(context.state).SerializeToString())
-print(json.dumps(dict(reply.content["privacy"])))
+print(json.dumps({{**dict(reply.content["privacy"]), **dict(reply.content["metrics"])}}))
 """
     completed = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, check=True,
                                capture_output=True, text=True, timeout=300,
@@ -179,59 +184,57 @@ print(json.dumps(dict(reply.content["privacy"])))
     second = json.loads(completed.stdout.strip().splitlines()[-1])
     assert second["noise-multiplier"] == sigma and second["steps"] == 10
     assert second["epsilon"] == pytest.approx(curve[1], rel=1e-3)
-    assert second["epsilon"] <= cap
+    assert second[wire.NUM_EXAMPLES] == count  # released once per run, then repeated
 
     proto = ProtoRecordDict()
     proto.ParseFromString(state_file.read_bytes())
-    context = client_context({**NODE, "dp-max-epsilon": cap}, recorddict_from_proto(proto))
-    refused = train(train_message(3), context)
-    assert wire.UPDATE_KEY not in refused.content
-    refusal = refused.content[wire.REFUSAL_KEY]
-    assert refusal["code"] == "budget-exhausted"
-    assert "dp-max-epsilon" in refusal["reason"]
-    assert refused.content[wire.PRIVACY_KEY]["epsilon"] == second["epsilon"]
+    third = train(train_message(3), client_context(dict(NODE), recorddict_from_proto(proto)))
+    assert third.content[wire.PRIVACY_KEY]["epsilon"] == pytest.approx(curve[2], rel=1e-3)
+    assert third.content[wire.METRICS_KEY][wire.NUM_EXAMPLES] == count
 
 
 def test_a_site_can_force_dp_and_only_tighten():
     run = DPSGDSettings.from_run_config({"dp-sgd": False, "dp-delta": 1e-5,
                                          "dp-simulated-site-policy": "0: dp-max-epsilon=1.0"})
     own = {"partition-id": 0, "dp-max-epsilon": 3.0, "dp-force": True, "dp-delta": 1e-6,
-           "dp-min-noise-multiplier": 10.0}
-    policy = EffectivePrivacy.combine(run, site_policy(own, run))
+           "dp-min-noise-multiplier": 10.0, "dp-state-dir": "/var/lib/site/privacy"}
+    policy = EffectivePrivacy.combine(run, site_policy(own, run), 80)
     assert policy is not None  # forced on although the run has dp-sgd off
     assert policy.max_epsilon == 1.0 and policy.delta == 1e-6  # stricter of run and site
     assert policy.target_epsilon == 1.0  # a forced site calibrates to its own budget
     loose = DPSGDSettings.from_run_config(
         {"dp-sgd": True, "dp-simulated-site-policy": "0: dp-max-epsilon=50"})
     assert site_policy(own, loose).dp_max_epsilon == 3.0  # a run cannot loosen a site
-    assert EffectivePrivacy.combine(DPSGDSettings(), SitePolicy()) is None
-    capped = EffectivePrivacy.combine(DPSGDSettings(), SitePolicy(dp_max_epsilon=2.0))
+    assert EffectivePrivacy.combine(DPSGDSettings(), SitePolicy(), 80) is None
+    capped = EffectivePrivacy.combine(DPSGDSettings(), SitePolicy(dp_max_epsilon=2.0,
+                                                                  dp_state_dir="/x"), 80)
     assert capped is not None and capped.target_epsilon == 2.0  # a cap implies DP-SGD
     # the site's noise floor beats the run's calibration
     plan = LocalPlan(80, 16, 1, 3)
     privacy = ClientPrivacy.calibrated(policy, plan)
     assert privacy.noise_multiplier == 10.0
     # a floor raised mid-run applies from the next round on
+    account = Account(history=[], noise_multipliers={"study-1": privacy.noise_multiplier})
     stricter = dataclasses.replace(policy, min_noise_multiplier=12.0)
-    assert ClientPrivacy.from_record(stricter, plan, privacy.to_record()).noise_multiplier == 12.0
+    assert ClientPrivacy.for_account(stricter, plan, "study-1", account).noise_multiplier == 12.0
 
 
 def test_a_restarted_supernode_continues_from_its_state_dir(tmp_path):
-    """``dp-state-dir``: a fresh context.state (SuperNode restarted mid-run) picks up the
-    accountant the site wrote to disk, under the run's ledger, instead of counting from zero."""
+    """``dp-state-dir``: a fresh context.state (SuperNode restarted mid-run) continues from
+    the site's ledger on disk instead of counting from zero; an unreadable ledger stops it."""
     cfg = RunConfig.from_mapping(RUN)
     node_config = {**NODE, "dp-state-dir": str(tmp_path / "privacy")}
     first = ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(1))
-    for _ in range(5):
-        first.accountant.step(noise_multiplier=first.noise_multiplier, sample_rate=0.2)
-    first.save(client_context(node_config))
-    assert [p.name for p in (tmp_path / "privacy").iterdir()] == ["ledger-study-1.json"]
+    assert first.steps_taken == 5  # charged before training
+    assert {p.name for p in (tmp_path / "privacy").iterdir()} - {"privacy-ledger.json.lock"} \
+        == {"privacy-ledger.json"}
 
     restarted = ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(2))
-    assert restarted.steps_taken == 5 and restarted.noise_multiplier == first.noise_multiplier
-    (tmp_path / "privacy" / "ledger-study-1.json").write_text("{not json")
+    assert restarted.steps_taken == 10 and restarted.noise_multiplier == first.noise_multiplier
+    assert restarted.count == first.count
+    (tmp_path / "privacy" / "privacy-ledger.json").write_text("{not json")
     with pytest.raises(PrivacyRefusal, match="'dp-state-dir'"):
-        ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(2))
+        ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(3))
 
 
 def test_a_resumed_run_continues_the_ledger_from_the_state_dir(tmp_path):
@@ -252,13 +255,12 @@ def test_a_resumed_run_continues_the_ledger_from_the_state_dir(tmp_path):
     report = reply.content[wire.PRIVACY_KEY]
     assert (report["noise-multiplier"], report["steps"]) == (sigma, 15)
     fresh = RDPAccountant()
-    for _ in range(15):
-        fresh.step(noise_multiplier=sigma, sample_rate=0.2)
+    fresh.history = [(sigma, 0.2, 15), (20.0, 1.0, 1)]
     assert report["epsilon"] == pytest.approx(fresh.get_epsilon(delta=1e-5), rel=1e-9)
-    assert report["epsilon"] == pytest.approx(independent_epsilon(sigma, 0.2, 15, 1e-5),
-                                              rel=1e-3)
+    assert report["epsilon"] == pytest.approx(
+        independent_epsilon(sigma, 0.2, 15, 1e-5, count_sigma=20.0), rel=1e-3)
     recalibrated = ClientPrivacy.calibrated(
-        EffectivePrivacy.combine(DPSGDSettings.from_run_config(RUN), SitePolicy()),
+        EffectivePrivacy.combine(DPSGDSettings.from_run_config(RUN), SitePolicy(), 80),
         LocalPlan(80, 16, 1, 5))
     assert recalibrated.noise_multiplier > sigma  # what a recalibration would have used
 
@@ -278,15 +280,9 @@ def test_a_resumed_run_without_a_state_dir_is_refused_not_counted_from_zero(tmp_
     cfg = RunConfig.from_mapping(RUN)
     with pytest.raises(PrivacyRefusal, match="ledger-unavailable: the train config names no"):
         ClientPrivacy.for_node(client_context(dict(NODE)), cfg, 80, ConfigRecord())
-    # a state dir without this ledger's file: the site never trained in it, starts at zero
+    # with a state dir the ledger holds everything the data spent: an empty one, nothing
     with_dir = client_context({**NODE, "dp-state-dir": str(tmp_path)}, run_id=2)
-    assert ClientPrivacy.for_node(with_dir, cfg, 80, train_config(3, resumed)).steps_taken == 0
-
-
-def test_a_ledger_file_name_is_safe_for_any_run_name():
-    assert PrivacyLedger("study-1.v2_b").file_name() == "ledger-study-1.v2_b.json"
-    assert PrivacyLedger("../etc/ké y").file_name() == "ledger-.._etc_k__y.json"
-    assert len(PrivacyLedger("x" * 1000).file_name()) == len("ledger-.json") + 200
+    assert ClientPrivacy.for_node(with_dir, cfg, 80, train_config(3, resumed)).steps_taken == 5
 
 
 @pytest.mark.parametrize("run_config, node_config, key", [
@@ -304,6 +300,17 @@ def test_a_ledger_file_name_is_safe_for_any_run_name():
     ({}, {"dp-delta": 2.0}, "node config 'dp-delta'"),
     ({}, {"dp-max-epsilom": 1.0}, "'dp-max-epsilom'"),
     ({}, {"max-epsilon": 1.0}, "['max-epsilon'] not privacy policy keys"),
+    ({"dp-target-epsilon": 1e9}, {}, "'dp-target-epsilon' must be a number in (0, 100]"),
+    ({"dp-target-epsilon": float("inf")}, {}, "'dp-target-epsilon'"),
+    ({"dp-max-grad-norm": float("inf")}, {}, "'dp-max-grad-norm' must be a finite number"),
+    ({"dp-max-grad-norm": float("nan")}, {}, "'dp-max-grad-norm'"),
+    ({"user-dp": "client-fixed", "user-dp-clipping-norm": float("inf")}, {},
+     "'user-dp-clipping-norm' must be a finite number"),
+    ({}, {"dp-max-epsilon": 1e9}, "node config 'dp-max-epsilon' must be a number in (0, 100]"),
+    ({}, {"dp-max-epsilon": float("nan")}, "node config 'dp-max-epsilon'"),
+    ({}, {"dp-count-noise-multiplier": 0.0}, "node config 'dp-count-noise-multiplier'"),
+    ({"dp-simulated-site-policy": "0: dp-count-noise-multiplier=0.5"}, {},
+     "'dp-count-noise-multiplier'"),
 ])
 def test_impossible_settings_name_the_setting(run_config, node_config, key):
     with pytest.raises(ConfigError) as err:
@@ -324,15 +331,20 @@ def test_server_start_up_rejects_delta_and_budget_no_client_can_meet():
 
 
 @pytest.mark.parametrize("run_config, node_config, fragment", [
-    ({}, {"dp-max-epsilon": 0.5}, "'dp-max-epsilon' 0.5 is below the ε of a single round"),
+    ({}, {"dp-max-epsilon": 0.05, "dp-state-dir": "{tmp}"},
+     "'dp-max-epsilon' 0.05 is below the ε of the noisy example count alone"),
     ({"dp-delta": 0.05}, {}, "'dp-delta' 0.05 must be below 1/n = 0.0125"),
     ({}, {"dp-max-epsilon": "lots"}, "node config 'dp-max-epsilon' must be a number"),
+    ({}, {"dp-max-epsilon": 4.0}, "node config 'dp-max-epsilon' 4 is a lifetime cap"),
+    ({"dp-sgd": False}, {"dp-force": True}, "node config 'dp-force' needs this site's own"),
 ])
 def test_a_site_that_can_never_train_refuses_with_invalid_setting(run_config, node_config,
-                                                                   fragment):
+                                                                   fragment, tmp_path):
     """In deployment the server checks δ against its own data, never a site's n."""
     from client.app import train
 
+    node_config = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+                   for k, v in node_config.items()}
     context = client_context({**NODE, **node_config})
     context.run_config.update(run_config)
     reply = train(train_message(1), context)

@@ -8,7 +8,8 @@ Node config (``flower-supernode --node-config``):
     :class:`SitePolicy`          the institution's limits, which a run can only tighten
 
 A site's limits always win: the effective settings of a client are the stricter of the
-run's and the site's (smaller ε budget, smaller δ, more noise, DP forced on).
+run's and the site's (smaller ε, smaller δ, more noise, DP forced on). A site with a budget
+owns its ε and δ: the run can only tighten them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks")
 # policy-like node config keys without the dp- prefix: refused rather than ignored
 UNPREFIXED = ("max-epsilon", "epsilon", "delta", "force-dp", "min-noise-multiplier")
 USER_DP_MODES = ("off", "server-fixed", "client-fixed", "server-adaptive", "client-adaptive")
+# above this, a "privacy budget" promises nothing (e^100): a typo or a bypass, never a policy
+MAX_EPSILON = 100.0
+SAMPLE_NEIGHBOURS = "add/remove one training example of the site"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,14 +76,14 @@ class DPSGDSettings:
         return parse_section(cls, values)
 
     def validate(self) -> None:
-        require(math.isfinite(self.dp_target_epsilon) and self.dp_target_epsilon > 0,
-                "dp-target-epsilon", f"must be a finite number > 0 (the privacy budget ε), "
+        require(0 < self.dp_target_epsilon <= MAX_EPSILON, "dp-target-epsilon",
+                f"must be a number in (0, {MAX_EPSILON:g}] (the privacy budget ε), "
                 f"got {self.dp_target_epsilon}")
         require(0 < self.dp_delta < 1, "dp-delta",
                 f"must be in (0, 1) (and below 1/number of examples), got {self.dp_delta}")
-        require(self.dp_max_grad_norm > 0, "dp-max-grad-norm",
-                f"must be > 0 (per-example gradients are clipped to it), "
-                f"got {self.dp_max_grad_norm}")
+        require(math.isfinite(self.dp_max_grad_norm) and self.dp_max_grad_norm > 0,
+                "dp-max-grad-norm", f"must be a finite number > 0 (per-example gradients are "
+                f"clipped to it), got {self.dp_max_grad_norm}")
         require(self.dp_accountant in ACCOUNTANTS, "dp-accountant",
                 f"must be one of {ACCOUNTANTS} (Opacus accountants), got {self.dp_accountant!r}")
         require(self.dp_grad_sample_mode in GRAD_SAMPLE_MODES, "dp-grad-sample-mode",
@@ -115,34 +119,36 @@ class DPSGDSettings:
 class SitePolicy:
     """An institution's privacy policy, from its SuperNode's node config.
 
-    ``dp-max-epsilon``          cap on this site's cumulative ε in a run (0 = no cap): a round
-                                that would pass it is refused, so the cap is never exceeded;
-                                a cap implies DP-SGD on this site
-    ``dp-delta``                this site's δ (0 = the run's); the smaller of the two is used
-    ``dp-force``                train under DP-SGD even when the run does not ask for it
-    ``dp-min-noise-multiplier`` floor on the DP-SGD noise multiplier (0 = none)
-    ``dp-state-dir``            a folder where the client also keeps its accountant, one file
-                                per privacy ledger, so that a SuperNode restarted mid-run or
-                                a resumed run (fresh context.state) goes on counting from
-                                what it spent (empty = context.state only; such a site does
-                                not train in a resumed run)
+    ``dp-max-epsilon``            lifetime cap on the ε of this site's data, over every run
+                                  (0 = no cap, at most 100): a round that would pass it is
+                                  refused; a cap implies DP-SGD and needs ``dp-state-dir``
+    ``dp-delta``                  this site's δ (0 = the run's, or with a cap the smaller of
+                                  1e-5 and 1/(10 n)); the smaller of run's and site's is used
+    ``dp-force``                  train under DP-SGD even when the run does not ask for it;
+                                  needs the site's own ``dp-max-epsilon``
+    ``dp-min-noise-multiplier``   floor on the DP-SGD noise multiplier (0 = none)
+    ``dp-count-noise-multiplier`` std of the Gaussian noise on the example count a DP site
+                                  sends in place of its exact count (sensitivity 1)
+    ``dp-state-dir``              the folder of the site's lifetime privacy ledger
+                                  (``privacy-ledger.json``), shared by every run on its data
+                                  (empty = context.state only, for one Flower run; such a
+                                  site does not train in a resumed run)
     """
 
     CONFIG_SOURCE: ClassVar[str] = "node config"
 
     dp_max_epsilon: float = dataclasses.field(default=0.0, metadata={
-        "help": "Cap on this site's cumulative epsilon in a run (0 = no cap); a round that would "
-                "pass it is refused, and a cap turns DP-SGD on."})
+        "help": "Lifetime cap on the ε of this site's data over every run (0 = none)."})
     dp_delta: float = dataclasses.field(default=0.0, metadata={
-        "help": "This site's delta (0 = the run's); the smaller of the two is used."})
+        "help": "This site's δ (0 = the run's, or min(1e-5, 1/(10 n)) with a cap)."})
     dp_force: bool = dataclasses.field(default=False, metadata={
-        "help": "Train under DP-SGD even when the run does not ask for it."})
+        "help": "Train under DP-SGD even when the run does not ask for it (needs a cap)."})
     dp_min_noise_multiplier: float = dataclasses.field(default=0.0, metadata={
         "help": "Floor on the DP-SGD noise multiplier (0 = none)."})
+    dp_count_noise_multiplier: float = dataclasses.field(default=20.0, metadata={
+        "help": "Std of the Gaussian noise on the example count a DP site sends."})
     dp_state_dir: str = dataclasses.field(default="", metadata={
-        "help": "Folder where the site keeps its privacy accountant across SuperNode restarts and "
-                "resumed runs (empty = in memory only; such a site does not train in a resumed "
-                "run)."})
+        "help": "Folder of the site's lifetime privacy ledger (privacy-ledger.json)."})
 
     @staticmethod
     def keys() -> set[str]:
@@ -156,12 +162,16 @@ class SitePolicy:
             raise ConfigError(str(err).replace("run config", source, 1)) from err
 
     def validate(self) -> None:
-        require(math.isfinite(self.dp_max_epsilon) and self.dp_max_epsilon >= 0, "dp-max-epsilon",
-                f"must be a finite number > 0 (0 = no cap), got {self.dp_max_epsilon}")
+        require(0 <= self.dp_max_epsilon <= MAX_EPSILON, "dp-max-epsilon",
+                f"must be a number in (0, {MAX_EPSILON:g}] (0 = no cap), got {self.dp_max_epsilon}")
         require(0 <= self.dp_delta < 1, "dp-delta",
                 f"must be in (0, 1) (0 = the run's δ), got {self.dp_delta}")
         require(math.isfinite(self.dp_min_noise_multiplier) and self.dp_min_noise_multiplier >= 0,
                 "dp-min-noise-multiplier", f"must be >= 0, got {self.dp_min_noise_multiplier}")
+        require(math.isfinite(self.dp_count_noise_multiplier)
+                and self.dp_count_noise_multiplier >= 1, "dp-count-noise-multiplier",
+                f"must be a finite number >= 1 (the std of the noise on the example count), "
+                f"got {self.dp_count_noise_multiplier}")
 
     def tightened_by(self, other: SitePolicy) -> SitePolicy:
         """The stricter of two policies, limit by limit."""
@@ -171,6 +181,8 @@ class SitePolicy:
             dp_force=self.dp_force or other.dp_force,
             dp_min_noise_multiplier=max(self.dp_min_noise_multiplier,
                                         other.dp_min_noise_multiplier),
+            dp_count_noise_multiplier=max(self.dp_count_noise_multiplier,
+                                          other.dp_count_noise_multiplier),
             dp_state_dir=self.dp_state_dir or other.dp_state_dir,
         )
 
@@ -205,22 +217,39 @@ class EffectivePrivacy:
     grad_sample_mode: str
     state_dir: str = ""
     head_clip_share: float = 0.0
+    count_noise_multiplier: float = SitePolicy.dp_count_noise_multiplier
 
     @classmethod
-    def combine(cls, run: DPSGDSettings, site: SitePolicy) -> EffectivePrivacy | None:
+    def combine(cls, run: DPSGDSettings, site: SitePolicy,
+                num_examples: int) -> EffectivePrivacy | None:
         """None when neither the run nor the site asks for DP-SGD.
 
-        A site with a budget (``dp-max-epsilon``) or ``dp-force`` trains under DP-SGD even
-        in a run without it (training without DP would spend an unbounded ε), calibrated to
-        its own budget or, without one, to the run's ``dp-target-epsilon``."""
+        A site with a budget (``dp-max-epsilon``) owns ε and δ: it trains under DP-SGD even
+        in a run without it, calibrated to the smaller of its cap and the run's
+        ``dp-target-epsilon``, at the smaller of the run's δ and its own (by default
+        ``min(1e-5, 1/(10 n))`` for its ``num_examples`` = n). ``dp-force`` needs such a
+        budget, and a budget needs ``dp-state-dir``, where the lifetime ledger lives.
+        Raises ConfigError naming the node config key otherwise.
+        """
         if not (run.dp_sgd or site.dp_force or site.dp_max_epsilon > 0):
             return None
-        target = run.dp_target_epsilon
-        if not run.dp_sgd and site.dp_max_epsilon > 0:
-            target = site.dp_max_epsilon
+        require(site.dp_max_epsilon > 0 or not site.dp_force, "dp-force",
+                "needs this site's own budget 'dp-max-epsilon': with the run's "
+                "dp-target-epsilon alone, whoever submits the run would choose the noise",
+                source="node config")
+        require(not site.dp_max_epsilon or bool(site.dp_state_dir), "dp-max-epsilon",
+                f"{site.dp_max_epsilon:g} is a lifetime cap on this site's data and needs "
+                "'dp-state-dir', the folder of the site's privacy ledger; without it every "
+                "new Flower run would start counting from zero", source="node config")
+        target = run.dp_target_epsilon if run.dp_sgd else site.dp_max_epsilon
+        delta = _smallest_set(run.dp_delta, site.dp_delta)
+        if site.dp_max_epsilon > 0:
+            target = min(target, site.dp_max_epsilon)
+            if not site.dp_delta:
+                delta = min(delta, default_site_delta(num_examples))
         return cls(
             target_epsilon=target,
-            delta=_smallest_set(run.dp_delta, site.dp_delta),
+            delta=delta,
             max_epsilon=site.dp_max_epsilon or None,
             min_noise_multiplier=site.dp_min_noise_multiplier,
             max_grad_norm=run.dp_max_grad_norm,
@@ -228,7 +257,13 @@ class EffectivePrivacy:
             grad_sample_mode=run.dp_grad_sample_mode,
             state_dir=site.dp_state_dir,
             head_clip_share=run.dp_head_clip_share,
+            count_noise_multiplier=site.dp_count_noise_multiplier,
         )
+
+
+def default_site_delta(num_examples: int) -> float:
+    """δ of a site with a budget and no ``dp-delta``: min(1e-5, 1 / (10 n))."""
+    return min(1e-5, 1 / (10 * max(num_examples, 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,8 +320,9 @@ class UserLevelDPSettings:
                 "is 0 while user-dp is on: without noise the aggregate has no privacy")
         require(math.isfinite(self.user_dp_noise_multiplier) and self.user_dp_noise_multiplier > 0,
                 "user-dp-noise-multiplier", f"must be > 0, got {self.user_dp_noise_multiplier}")
-        require(self.user_dp_clipping_norm > 0, "user-dp-clipping-norm",
-                f"must be > 0, got {self.user_dp_clipping_norm}")
+        require(math.isfinite(self.user_dp_clipping_norm) and self.user_dp_clipping_norm > 0,
+                "user-dp-clipping-norm",
+                f"must be a finite number > 0, got {self.user_dp_clipping_norm}")
         require(0 <= self.user_dp_target_quantile <= 1, "user-dp-target-quantile",
                 f"must be in [0, 1], got {self.user_dp_target_quantile}")
         require(self.user_dp_clip_norm_lr > 0, "user-dp-clip-norm-lr",

@@ -1,17 +1,25 @@
-"""One client's sample-level DP-SGD for a whole run, with Opacus.
+"""One client's sample-level DP-SGD, with Opacus, charged to its site's lifetime ledger.
 
-Like Opacus' ``PrivacyEngine``, one object owns the privacy state: the noise multiplier
-(calibrated once, at the client's first round) and one accountant for the entire run. In
-deployment every round runs in a fresh ClientApp process, so the state travels in the
-node's ``context.state`` (:meth:`ClientPrivacy.save`/:meth:`ClientPrivacy.for_node`) and,
-with the node config's ``dp-state-dir``, in a file named after the run's privacy ledger
-(``sepal/privacy/ledger.py``), which outlives a SuperNode restart and a resumed run.
+Like Opacus' ``PrivacyEngine``, one object owns a round's privacy: the noise multiplier
+(calibrated once per run, at the client's first round, and kept under the run's
+``run-name``) and the accountant history. The history is the site's whole lifetime on
+its data: with the node config's ``dp-state-dir`` it lives in the site's ledger
+(``sepal/privacy/site_ledger.py``), shared by every run on that data; without one, in
+the node's ``context.state`` for one Flower run. Each round is charged before it trains,
+under the ledger's lock, and refused if the charge would take ε past the site's cap.
 
-Planned steps: Opacus' Poisson loader draws ``ceil(N / B)`` batches per epoch, each example
-with probability ``q = 1 / ceil(N / B)``; the run plans ``T = rounds x local-epochs x
-ceil(N / B)`` steps, and the noise multiplier ``sigma`` is the smallest for which T steps
-of the sampled Gaussian mechanism cost at most the target ε at δ
-(``opacus.accountants.utils.get_noise_multiplier``).
+Planned steps: Opacus' Poisson loader samples each example with probability
+``q = 1 / ceil(N / B)`` and draws ``int(1 / q)`` batches per epoch (one fewer than
+``ceil(N / B)`` where floating point rounds ``1 / q`` down); the run plans ``T = rounds x
+local-epochs x int(1 / q)`` steps, and the noise multiplier ``sigma`` is the smallest for
+which T steps of the sampled Gaussian mechanism and the run's noisy count cost at most the
+target ε at δ, and, on data that already spent some of a site's cap, for which the whole
+lifetime stays within the cap.
+
+Released per run besides the model update: one noisy example count,
+``max(1, round(n + N(0, s^2)))`` with ``s`` = ``dp-count-noise-multiplier``, a Gaussian
+mechanism of sensitivity 1 charged to the same history as ``(s, 1.0, 1)``, which FedAvg
+uses as the site's weight. A DP site sends no training loss, accuracy or step counts.
 """
 
 from __future__ import annotations
@@ -21,21 +29,23 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader
 
 from sepal.config import ConfigError, RunConfig
 from sepal.optim import HEAD_MARKER
-from sepal.privacy.config import DPSGDSettings, EffectivePrivacy, site_policy
+from sepal.privacy.config import SAMPLE_NEIGHBOURS, DPSGDSettings, EffectivePrivacy, site_policy
 from sepal.privacy.ledger import PrivacyLedger
 from sepal.privacy.refusal import (
     BUDGET_EXHAUSTED,
@@ -44,6 +54,8 @@ from sepal.privacy.refusal import (
     PrivacyRefusal,
     Refusal,
 )
+from sepal.privacy.site_ledger import Account, DatasetIdentity, SiteLedger
+from sepal.task import NodeData
 
 STATE_KEY = "dp-sgd"
 
@@ -66,8 +78,14 @@ class LocalPlan:
         return 1 / self.batches_per_epoch
 
     @property
+    def steps_per_epoch(self) -> int:
+        """Batches Opacus' Poisson loader draws per epoch (its own count, ``int(1 / q)``)."""
+        return len(UniformWithReplacementSampler(num_samples=self.num_examples,
+                                                 sample_rate=self.sample_rate))
+
+    @property
     def steps_per_round(self) -> int:
-        return self.local_epochs * self.batches_per_epoch
+        return self.local_epochs * self.steps_per_epoch
 
     @property
     def total_steps(self) -> int:
@@ -78,94 +96,108 @@ class ClientPrivacy:
     """Sample-level DP of one client: calibration, accounting, budget, Opacus wrapping."""
 
     def __init__(self, policy: EffectivePrivacy, plan: LocalPlan, noise_multiplier: float,
-                 history: list | tuple = (), state_file: Path | None = None):
+                 history: list | tuple = (), steps_taken: int = 0, count: int | None = None):
         self.policy = policy
         self.plan = plan
         self.noise_multiplier = noise_multiplier
-        self.accountant = create_accountant(policy.accountant)
-        self.accountant.history = [tuple(entry) for entry in history]
-        self.state_file = state_file  # the ledger's file in dp-state-dir; None = memory only
+        self.accountant = create_accountant(policy.accountant)  # Opacus steps it in a round
+        self.history = [tuple(entry) for entry in history]  # the data's lifetime releases
+        self.steps_taken = steps_taken  # DP-SGD steps in that history
+        self.count = count  # the noisy example count this run sends
 
     # -- life cycle ---------------------------------------------------------------------
 
     @classmethod
     def for_node(cls, context: Context, cfg: RunConfig, num_examples: int,
                  train_config: Mapping[str, Any]) -> ClientPrivacy | None:
-        """This node's DP-SGD for the round, or None when neither run nor site asks for it.
+        """This node's DP-SGD for the round, charged to its ledger; None when neither run
+        nor site asks for DP-SGD.
 
-        Continues the accountant of the privacy ledger the server names in
-        ``train_config``, with its noise multiplier (never recalibrated, even when a
-        resumed run has more rounds). Raises :class:`PrivacyRefusal` when the site must
-        not train: impossible settings, a round that would take ε past the site's
-        ``dp-max-epsilon``, or a ledger whose spent ε this site cannot know.
+        Continues the noise multiplier the run (named by the server's ``privacy-ledger``
+        in ``train_config``) calibrated at its first round, never recalibrated. Raises
+        :class:`PrivacyRefusal` when the site must not train: impossible settings, a round
+        that would take its data's lifetime ε past ``dp-max-epsilon``, or a resumed run
+        whose spent ε this site cannot know.
         """
         try:
             run = DPSGDSettings.from_run_config(context.run_config)
-            policy = EffectivePrivacy.combine(run, site_policy(context.node_config, run))
+            policy = EffectivePrivacy.combine(run, site_policy(context.node_config, run),
+                                              num_examples)
             if policy is None:
                 return None
             ledger = PrivacyLedger.from_train_config(train_config)
             plan = LocalPlan(num_examples, cfg.batch_size, cfg.local_epochs, cfg.num_server_rounds)
-            state_file = (Path(policy.state_dir).expanduser() / ledger.file_name()
-                          if policy.state_dir else None)
-            record = _saved_record(context, ledger, state_file)
-            privacy = (cls.from_record(policy, plan, record, state_file) if record is not None
-                       else cls.calibrated(policy, plan, state_file))
+            with _account(context, cfg, policy, ledger) as account:
+                privacy = cls.for_account(policy, plan, ledger.name, account)
         except ConfigError as err:
             raise PrivacyRefusal(Refusal(INVALID_SETTING, str(err))) from err
-        privacy.check_budget()
         return privacy
 
     @classmethod
-    def calibrated(cls, policy: EffectivePrivacy, plan: LocalPlan,
-                   state_file: Path | None = None) -> ClientPrivacy:
-        """Start of the ledger: the noise multiplier for the whole planned run (raises
-        ConfigError naming the setting that makes it impossible on this site)."""
-        sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan, policy.accountant,
-                                where="this site's")
-        return cls(policy, plan, max(sigma, policy.min_noise_multiplier), state_file=state_file)
+    def for_account(cls, policy: EffectivePrivacy, plan: LocalPlan, run: str,
+                    account: Account) -> ClientPrivacy:
+        """The round of run ``run`` on the data ``account`` keeps, charged to it."""
+        sigma = account.noise_multipliers.get(run)
+        if sigma is None:
+            sigma = cls.calibrated_noise(policy, plan, account.history)
+        # a site that raised its noise floor mid-run gets it from the next round on
+        sigma = max(sigma, policy.min_noise_multiplier)
+        privacy = cls(policy, plan, sigma, account.history, account.dp_sgd_steps,
+                      account.counts.get(run))
+        privacy.charge_round(account, run)
+        return privacy
+
+    @staticmethod
+    def calibrated_noise(policy: EffectivePrivacy, plan: LocalPlan,
+                         history: list | tuple = ()) -> float:
+        """The noise multiplier for a run's planned steps and its noisy count: at most the
+        target ε for the run alone and, with a cap, at most the cap for the data's lifetime
+        ``history`` and the run together (when no noise can fit the cap, the budget check
+        refuses). Raises ConfigError naming a setting that makes it impossible."""
+        count = [(policy.count_noise_multiplier, 1.0, 1)]
+        try:
+            sigma = calibrate_noise(policy.target_epsilon, policy.delta, plan,
+                                    policy.accountant, where="this site's", prior=count)
+        except ConfigError as err:
+            if policy.max_epsilon != policy.target_epsilon:
+                raise
+            raise ConfigError(
+                f"node config 'dp-max-epsilon' {policy.max_epsilon:g} is below the ε of the "
+                f"noisy example count alone (noise std 'dp-count-noise-multiplier' "
+                f"{policy.count_noise_multiplier:g} at δ={policy.delta:g}): this site can "
+                "never train; raise the cap or the count's noise") from err
+        if policy.max_epsilon and history:
+            with contextlib.suppress(ConfigError):
+                sigma = max(sigma, calibrate_noise(policy.max_epsilon, policy.delta, plan,
+                                                   policy.accountant, where="this site's",
+                                                   prior=[*history, *count]))
+        return sigma
 
     @classmethod
-    def from_record(cls, policy: EffectivePrivacy, plan: LocalPlan, record: ConfigRecord,
-                    state_file: Path | None = None) -> ClientPrivacy:
-        if record.get("accountant") != policy.accountant:
-            raise ConfigError(
-                f"run config 'dp-accountant' is {policy.accountant!r} but this node's saved "
-                f"privacy state was accounted with {record.get('accountant')!r}")
-        # a site that raised its noise floor mid-run gets it from the next round on
-        sigma = max(float(record["noise-multiplier"]), policy.min_noise_multiplier)
-        return cls(policy, plan, sigma, json.loads(str(record["history"])), state_file)
-
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord({
-            "accountant": self.policy.accountant,
-            "noise-multiplier": self.noise_multiplier,
-            "history": json.dumps(self.accountant.history),
-        })
-
-    def save(self, context: Context) -> None:
-        """Into the node's context.state and, with ``dp-state-dir``, onto disk."""
-        record = self.to_record()
-        context.state[STATE_KEY] = record
-        if self.state_file is not None:
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-            tmp.write_text(json.dumps(dict(record)), encoding="utf-8")
-            os.replace(tmp, self.state_file)
+    def calibrated(cls, policy: EffectivePrivacy, plan: LocalPlan) -> ClientPrivacy:
+        """A run's first round on unused data, not charged yet."""
+        return cls(policy, plan, max(cls.calibrated_noise(policy, plan),
+                                     policy.min_noise_multiplier))
 
     # -- accounting ---------------------------------------------------------------------
 
-    @property
-    def steps_taken(self) -> int:
-        return sum(steps for _, _, steps in self.accountant.history)
+    def round_releases(self) -> list[tuple[float, float, int]]:
+        """What one round adds to the history: its DP-SGD steps and, at the run's first
+        round on this site, the noisy example count."""
+        releases = [(self.noise_multiplier, self.plan.sample_rate, self.plan.steps_per_round)]
+        if self.count is None:
+            releases.append((self.policy.count_noise_multiplier, 1.0, 1))
+        return releases
 
     def epsilon(self) -> float:
-        return self._epsilon(self.accountant.history)
+        return self._epsilon(self.history)
 
-    def projected_epsilon(self, steps: int) -> float:
-        """ε after ``steps`` more steps at the current noise and sampling rate."""
-        return self._epsilon(self.accountant.history
-                             + [(self.noise_multiplier, self.plan.sample_rate, steps)])
+    def projected_epsilon(self, steps: int | None = None) -> float:
+        """ε after the next round (or ``steps`` more DP-SGD steps) at the current noise
+        and sampling rate."""
+        releases = (self.round_releases() if steps is None
+                    else [(self.noise_multiplier, self.plan.sample_rate, steps)])
+        return self._epsilon(self.history + releases)
 
     def _epsilon(self, history: list) -> float:
         if not history:
@@ -174,13 +206,26 @@ class ClientPrivacy:
         accountant.history = list(history)
         return float(accountant.get_epsilon(delta=self.policy.delta))
 
+    def charge_round(self, account: Account, run: str) -> None:
+        """Charge the next round to ``account`` before any step is taken, or refuse it if
+        it would take ε past the site's cap (then nothing is charged)."""
+        self.check_budget()
+        releases = self.round_releases()
+        steps = self.plan.steps_per_round
+        if self.count is None:
+            self.count = _noisy_count(self.plan.num_examples, self.policy.count_noise_multiplier)
+        account.charge(releases, dp_sgd_steps=steps, count_releases=len(releases) - 1)
+        account.remember(run, noise_multiplier=self.noise_multiplier, count=self.count)
+        self.history = list(account.history)
+        self.steps_taken = account.dp_sgd_steps
+
     def check_budget(self) -> None:
-        """Refuse a round that would take ε past the site's cap, before any step is taken."""
+        """Refuse a round that would take ε past the site's cap."""
         cap = self.policy.max_epsilon
         if cap is None:
             return
         steps = self.plan.steps_per_round
-        projected = self.projected_epsilon(steps)
+        projected = self.projected_epsilon()
         if projected <= cap:
             return
         if self.steps_taken == 0:
@@ -190,13 +235,14 @@ class ClientPrivacy:
                 f"multiplier {self.noise_multiplier:.4f}); this site can never train"))
         else:
             refusal = Refusal(BUDGET_EXHAUSTED, (
-                f"spent ε={self.epsilon():.4f} of node config 'dp-max-epsilon' {cap:g} at "
-                f"δ={self.policy.delta:g}; the next round ({steps} steps) would reach "
-                f"ε={projected:.4f}"))
+                f"this site's data has spent ε={self.epsilon():.4f} of node config "
+                f"'dp-max-epsilon' {cap:g} at δ={self.policy.delta:g} over all runs; the next "
+                f"round ({steps} steps) would reach ε={projected:.4f}"))
         raise PrivacyRefusal(refusal, self.report())
 
     def report(self) -> ConfigRecord:
-        """What the client tells the server: its cumulative spending."""
+        """What the client tells the server: its data's lifetime spending and how it is
+        accounted (every round, refusals included)."""
         return ConfigRecord({
             "epsilon": self.epsilon(),
             "delta": self.policy.delta,
@@ -204,6 +250,11 @@ class ClientPrivacy:
             "noise-multiplier": self.noise_multiplier,
             "sample-rate": self.plan.sample_rate,
             "steps": self.steps_taken,
+            "max-grad-norm": self.policy.max_grad_norm,
+            "count-noise-multiplier": self.policy.count_noise_multiplier,
+            "accountant": self.policy.accountant,
+            "neighbours": SAMPLE_NEIGHBOURS,
+            "lifetime-ledger": bool(self.policy.state_dir),
         })
 
     # -- training -----------------------------------------------------------------------
@@ -282,25 +333,47 @@ class ClientPrivacy:
                                      sample_rate=dp_loader.sample_rate)
 
 
-def calibrate_noise(target_epsilon: float, delta: float, plan: LocalPlan, accountant: str,
-                    where: str) -> float:
-    """The smallest noise multiplier whose planned steps cost at most ``target_epsilon``.
+MAX_NOISE_MULTIPLIER = 1e6
+CALIBRATION_TOLERANCE = 0.01  # in ε, as Opacus' get_noise_multiplier
 
+
+def calibrate_noise(target_epsilon: float, delta: float, plan: LocalPlan, accountant: str,
+                    where: str, prior: list | tuple = ()) -> float:
+    """The smallest noise multiplier (within 0.01 in ε) whose planned steps, composed
+    after the ``prior`` releases, cost at most ``target_epsilon`` at ``delta``.
+
+    Opacus' ``get_noise_multiplier`` bisects over a run alone; this is the same bisection
+    over the run composed with what comes before it (the site's history, its noisy count).
     Raises ConfigError naming the setting that makes this impossible.
     """
     if delta >= 1 / plan.num_examples:
         raise ConfigError(
             f"'dp-delta' {delta:g} must be below 1/n = {1 / plan.num_examples:g} for {where} "
             f"n = {plan.num_examples} examples (δ = 1/n allows revealing an example outright)")
-    try:
-        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                    sample_rate=plan.sample_rate, steps=plan.total_steps,
-                                    accountant=accountant)
-    except ValueError as err:
-        raise ConfigError(
-            f"'dp-target-epsilon' {target_epsilon:g} is too small for even one step of DP-SGD "
-            f"with {where} {plan.num_examples} examples: no noise multiplier up to 1e6 "
-            f"reaches it over the {plan.total_steps} planned steps ({err})") from err
+    meter = create_accountant(accountant)
+
+    def epsilon(sigma: float) -> float:
+        meter.history = [*prior, (sigma, plan.sample_rate, plan.total_steps)]
+        return float(meter.get_epsilon(delta=delta))
+
+    low, high, eps_high = 0.0, 10.0, float("inf")
+    while eps_high > target_epsilon:
+        high *= 2
+        if high > MAX_NOISE_MULTIPLIER:
+            raise ConfigError(
+                f"'dp-target-epsilon' {target_epsilon:g} is too small for even one step of "
+                f"DP-SGD with {where} {plan.num_examples} examples: no noise multiplier up to "
+                f"{MAX_NOISE_MULTIPLIER:g} reaches it over the {plan.total_steps} planned steps"
+                + (f" after the {len(prior)} earlier release(s)" if prior else ""))
+        eps_high = epsilon(high)
+    while target_epsilon - eps_high > CALIBRATION_TOLERANCE:
+        middle = (low + high) / 2
+        eps = epsilon(middle)
+        if eps < target_epsilon:
+            high, eps_high = middle, eps
+        else:
+            low = middle
+    return high
 
 
 def check_run_settings(settings: DPSGDSettings, cfg: RunConfig, num_train_examples: int) -> None:
@@ -320,37 +393,72 @@ def check_run_settings(settings: DPSGDSettings, cfg: RunConfig, num_train_exampl
         raise ConfigError(f"run config {err}") from err
 
 
-def _saved_record(context: Context, ledger: PrivacyLedger,
-                  state_file: Path | None) -> ConfigRecord | None:
-    """The ledger's saved accountant; None when this site has not trained in it yet.
+@contextlib.contextmanager
+def _account(context: Context, cfg: RunConfig, policy: EffectivePrivacy,
+             ledger: PrivacyLedger) -> Iterator[Account]:
+    """The account a round is charged to, locked while the block runs.
 
-    ``context.state`` holds it from the Flower run's earlier rounds, the site's
-    ``dp-state-dir`` across SuperNode restarts and resumed runs. A resumed run starts with
-    an empty ``context.state``, so without a state dir the site cannot know what it spent
-    before the interruption: it refuses rather than count from zero.
+    With ``dp-state-dir``: the site's lifetime ledger, the only source of truth
+    (``context.state`` keeps a copy for reading only). Without: ``context.state``, which
+    lives as long as one Flower run. A resumed run starts with an empty
+    ``context.state``, so such a site cannot know what it spent before the interruption:
+    it refuses rather than count from zero.
     """
+    if policy.state_dir:
+        dataset = _dataset_identity(cfg, NodeData.from_node_config(context.node_config))
+        with SiteLedger(Path(policy.state_dir)).account(dataset) as account:
+            yield account
+        context.state[STATE_KEY] = _account_record(account)
+        return
     if STATE_KEY in context.state:
-        return context.state[STATE_KEY]
-    if state_file is not None:
-        return _read_state_file(state_file)
-    if ledger.resumed:
+        account = _read_account_record(context.state[STATE_KEY])
+    elif ledger.resumed:
         raise PrivacyRefusal(Refusal(LEDGER_UNAVAILABLE, (
             f"run '{ledger.name}' was resumed at round {ledger.resumed_at_round} as a new "
             "Flower run, and this site keeps its privacy accountant only in the interrupted "
             "run's memory (context.state); the ε it spent there is unknown, so it does not "
-            "train rather than count from zero. Set node config 'dp-state-dir' before a run "
-            "starts to keep the accountant on disk across resumes")))
-    return None
+            "train rather than count from zero. Set node config 'dp-state-dir' to keep a "
+            "lifetime ledger on disk")))
+    else:
+        account = Account(history=[])
+    yield account
+    context.state[STATE_KEY] = _account_record(account)
 
 
-def _read_state_file(path: Path) -> ConfigRecord | None:
-    if not path.exists():
-        return None
+def _dataset_identity(cfg: RunConfig, node: NodeData) -> DatasetIdentity:
+    """The site's own data folder, or in simulation its partition of the run's dataset."""
+    if node.data_path:
+        return DatasetIdentity.of_folder(Path(node.data_path))
+    return DatasetIdentity.of_folder(
+        Path(cfg.dataset), partition=f"partition {node.partition_id} of {node.num_partitions}")
+
+
+def _account_record(account: Account) -> ConfigRecord:
+    return ConfigRecord({"account": json.dumps({
+        "history": account.history, "dp-sgd-steps": account.dp_sgd_steps,
+        "count-releases": account.count_releases,
+        "noise-multipliers": account.noise_multipliers, "counts": account.counts})})
+
+
+def _read_account_record(record: ConfigRecord) -> Account:
     try:
-        return ConfigRecord(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as err:
-        raise ConfigError(f"node config 'dp-state-dir': {path} is not a readable privacy "
-                          f"state ({err}); refusing to train rather than count from zero") from err
+        saved = json.loads(str(record["account"]))
+        return Account(history=[tuple(e) for e in saved["history"]],
+                       dp_sgd_steps=int(saved["dp-sgd-steps"]),
+                       count_releases=int(saved["count-releases"]),
+                       noise_multipliers={k: float(v) for k, v in
+                                          saved["noise-multipliers"].items()},
+                       counts={k: int(v) for k, v in saved["counts"].items()})
+    except (KeyError, ValueError, TypeError) as err:
+        raise ConfigError(f"this node's context.state '{STATE_KEY}' is not a privacy account "
+                          f"({err}); refusing to train rather than count from zero") from err
+
+
+def _noisy_count(num_examples: int, noise_multiplier: float) -> int:
+    """``max(1, round(n + N(0, s^2)))`` from OS randomness: a Gaussian mechanism of
+    sensitivity 1 (one example more or less) that the server cannot reproduce."""
+    noise = np.random.default_rng(secrets.randbits(128)).normal(0.0, noise_multiplier)
+    return max(1, round(num_examples + noise))
 
 
 def _os_seeded_generator(device: torch.device) -> torch.Generator:

@@ -1,18 +1,17 @@
-"""The privacy ledger: which accounting a round's ε is charged to.
+"""The run a round belongs to, as the server names it in every train config.
 
-A site's DP-SGD accountant follows the run as the federation knows it, not the Flower
-run: a run resumed from a checkpoint is a new Flower run (new run id, empty
-``context.state``) but trains the same model on the same data, so its ε must continue
-the interrupted run's. The server names the ledger in every train config with the run's
-``run-name`` (the identity checkpoints use) and, in a resumed run, the round it resumed
-at. A site keeps its accountant under that name; it trusts only its own disk for the ε
-already spent, never a number from the server.
+A site charges every round to its lifetime ledger on its data
+(``sepal/privacy/site_ledger.py``), whatever the run. The run's name (``run-name``, the
+identity checkpoints use) only keys what belongs to one run: the noise multiplier it
+calibrated at its first round and the noisy example count it released, which a run
+resumed from a checkpoint (a new Flower run, empty ``context.state``) continues. In a
+resumed run the server also sends the round it resumed at. A name never decides how much
+ε a site has left: the server chooses it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,8 +19,6 @@ from sepal.privacy.refusal import LEDGER_UNAVAILABLE, PrivacyRefusal, Refusal
 
 LEDGER_KEY = "privacy-ledger"
 RESUMED_AT_KEY = "resumed-at-round"
-_UNSAFE_IN_FILE_NAME = re.compile(r"[^A-Za-z0-9._-]")
-_MAX_NAME_CHARS = 200  # "ledger-" + name + ".json" stays below the usual 255-byte limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +48,3 @@ class PrivacyLedger:
                 "the ε this site already spent in the run is unknown; not training rather "
                 "than count from zero")))
         return cls(name, int(config.get(RESUMED_AT_KEY, 0)))
-
-    def file_name(self) -> str:
-        """``ledger-<run-name>.json``, with every character outside ``A-Za-z0-9._-``
-        replaced by ``_`` and at most 200 of them kept. Names that then coincide share a
-        file, which over-counts ε but never under-counts it."""
-        safe = _UNSAFE_IN_FILE_NAME.sub("_", self.name)[:_MAX_NAME_CHARS]
-        return f"ledger-{safe}.json"

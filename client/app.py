@@ -1,6 +1,6 @@
 """ClientApp: train the global model on this node's data and upload the encoded update.
 
-Deployment starts a fresh ClientApp process for every message, and three of the four
+Deployment starts a fresh ClientApp process for every message, and four of the five
 secure-aggregation stages only do cryptography: this module stays free of torch,
 transformers and Opacus, and the train and evaluate handlers import
 ``client.training_round`` (which needs them) when they run.

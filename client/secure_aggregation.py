@@ -1,10 +1,17 @@
-"""Client side of SecAgg+: the four stage handlers, registered on the ClientApp.
+"""Client side of SecAgg+: the five stage handlers, registered on the ClientApp.
 
 Deployment starts a fresh ClientApp process for every message, so everything a
 client must remember between the stages of a round (its private keys, its
 self-mask seed, the shares it holds) lives in ``context.state["secagg-state"]``,
 never in module globals; the secrets are erased once the client has answered the
-unmask stage.
+unmask stage, when it refuses a message, and when a message of another round
+arrives.
+
+In an authenticated round (``secagg-authenticated``, the default) the client signs
+its keys and the survivor set with its institution's key and checks its neighbours'
+signatures against the roster its site pinned (``sepal.secagg.identity``); the
+threshold and neighbourhood floors it enforces are its site's (node config), not the
+run's.
 
 As in Bonawitz et al. and Flower, the client trains in the masked-input stage, so
 no update waits in ``context.state`` (which deployment ships between the SuperNode
@@ -16,6 +23,7 @@ whatever that handler does; the update is then clipped, weighted and quantized
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -28,14 +36,22 @@ from sepal import wire
 from sepal.codecs import decode_upload
 from sepal.codecs.downlink import DOWNLOAD_KEY, REFERENCE_KEY
 from sepal.privacy import UserLevelDPSettings
-from sepal.secagg import envelope, graph, shamir
+from sepal.secagg import envelope, shamir
 from sepal.secagg.config import SecAggConfig
 from sepal.secagg.errors import SecAggError
 from sepal.secagg.fixedpoint import SCALARS, FixedPoint, encode_scalars, sum_bits
+from sepal.secagg.identity import (
+    SIGNATURE_BYTES,
+    SitePolicy,
+    keys_statement,
+    survivors_statement,
+)
 from sepal.secagg.keys import KeyPair, agree, check_public_key, derive
 from sepal.secagg.masks import VectorMasks
 from sepal.secagg.packing import pack
 from sepal.secagg.protocol import (
+    CONSISTENCY,
+    CONSISTENCY_KEY,
     ENVELOPE_KEY,
     HEADER_KEY,
     KEYS_KEY,
@@ -66,32 +82,71 @@ TrainHandler = Callable[[Message, Context], Message]
 
 
 def register_secure_aggregation(app: ClientApp, train: TrainHandler) -> None:
-    """Route the four ``train.secagg_*`` message types of ``app`` to the handlers."""
-    app.train(ACTIONS[SETUP])(setup)
-    app.train(ACTIONS[SHARE_KEYS])(share_keys)
-    app.train(ACTIONS[MASKED_INPUT])(lambda msg, context: masked_input(msg, context, train))
-    app.train(ACTIONS[UNMASK])(unmask)
+    """Route the five ``train.secagg_*`` message types of ``app`` to the handlers."""
+    app.train(ACTIONS[SETUP])(_erasing_on_failure(setup))
+    app.train(ACTIONS[SHARE_KEYS])(_erasing_on_failure(share_keys))
+    app.train(ACTIONS[MASKED_INPUT])(_erasing_on_failure(
+        lambda msg, context: masked_input(msg, context, train)))
+    app.train(ACTIONS[CONSISTENCY])(_erasing_on_failure(consistency))
+    app.train(ACTIONS[UNMASK])(_erasing_on_failure(unmask))
+
+
+def _erasing_on_failure(handler: Callable[[Message, Context], Message]):
+    """A handler that, when it refuses or fails, first erases the open round's secrets."""
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except BaseException:
+            erase_round(context)
+            raise
+    return run
+
+
+def erase_round(context: Context) -> None:
+    """Forget the open round: its private keys, seed and the shares held for others."""
+    if STATE_KEY in context.state:
+        del context.state[STATE_KEY]
 
 
 def setup(msg: Message, context: Context) -> Message:
-    """Check the round's parameters, make two fresh key pairs; send the public keys."""
+    """Check the round's parameters, make two fresh key pairs; send the public keys,
+    signed with the institution's key in an authenticated round."""
+    erase_round(context)  # a new round: whatever was open is over
     tag, stage = RoundTag.read(msg.content)
     if stage != SETUP or tag.run_id != msg.metadata.run_id:
         raise SecAggError(f"setup handler got a '{stage}' message of run {tag.run_id}")
     cfg = SecAggConfig.from_mapping(context.run_config)
+    site = SitePolicy.from_node_config(context.node_config)
+    if cfg.secagg_authenticated and not site.authenticated:
+        raise SecAggError(
+            "run config 'secagg-authenticated' = true needs this site's node config "
+            "'secagg-identity' and 'secagg-roster' (issued by sepal-provision); a simulation, "
+            "which has no provisioning, sets secagg-authenticated = false")
+    if site.authenticated and not cfg.secagg_authenticated:
+        raise SecAggError("this site holds a SecAgg identity (node config 'secagg-identity') "
+                          "and takes part only in authenticated rounds; the run sets "
+                          "'secagg-authenticated' = false")
     clients = config_field(msg.content, PARAMS_KEY, "clients", int)
     bits = config_field(msg.content, PARAMS_KEY, "sum-bits", int)
     if clients < 2 or bits != sum_bits(cfg.secagg_value_bits, clients):
         raise SecAggError(f"setup asks for {bits}-bit sums of {clients} clients; with "
                           f"secagg-value-bits {cfg.secagg_value_bits} that would wrap around")
+    me = msg.metadata.dst_node_id
     envelope_keys, mask_keys = KeyPair.generate(), KeyPair.generate()
     context.state[STATE_KEY] = ConfigRecord({
         "run-id": tag.run_id, "server-round": tag.server_round, "round-id": tag.round_id,
-        "stage": SETUP, "node": msg.metadata.dst_node_id, "sum-bits": bits,
+        "stage": SETUP, "node": me, "sum-bits": bits, "clients": clients,
+        "authenticated": site.authenticated,
         "envelope-private": envelope_keys.private, "envelope-public": envelope_keys.public,
         "mask-private": mask_keys.private, "mask-public": mask_keys.public,
     })
     keys = ConfigRecord({"envelope-key": envelope_keys.public, "mask-key": mask_keys.public})
+    if site.authenticated:
+        identity = site.identity()
+        keys["institution"] = identity.name
+        keys["signature"] = identity.sign(keys_statement(
+            tag.context, me, identity.name, envelope_keys.public, mask_keys.public))
     return _reply(msg, tag, SETUP, {KEYS_KEY: keys})
 
 
@@ -103,7 +158,8 @@ def share_keys(msg: Message, context: Context) -> Message:
     envelope_keys = config_field(msg.content, KEYS_KEY, "envelope-keys", list, bytes)
     mask_keys = config_field(msg.content, KEYS_KEY, "mask-keys", list, bytes)
     threshold = config_field(msg.content, KEYS_KEY, "threshold", int)
-    _check_neighbourhood(state, context, nodes, envelope_keys, mask_keys, threshold)
+    _check_neighbourhood(state, context, msg.content, nodes, envelope_keys, mask_keys, threshold)
+    institutions = _check_signed_keys(msg, context, tag, state, nodes, envelope_keys, mask_keys)
 
     seed = os.urandom(shamir.SECRET_BYTES)
     seed_shares = shamir.split(seed, threshold, len(nodes))
@@ -120,7 +176,8 @@ def share_keys(msg: Message, context: Context) -> Message:
     own = nodes.index(me)
     state.update({
         "stage": SHARE_KEYS, "nodes": nodes, "envelope-keys": envelope_keys,
-        "mask-keys": mask_keys, "threshold": threshold, "seed": seed,
+        "mask-keys": mask_keys, "institutions": institutions, "threshold": threshold,
+        "seed": seed,
         "share-owners": [me], "seed-shares": [seed_shares[own]], "key-shares": [key_shares[own]],
     })
     shares = ConfigRecord({"recipients": recipients, "envelopes": envelopes,
@@ -187,25 +244,40 @@ def masked_input(msg: Message, context: Context, train: TrainHandler) -> Message
                                            REPORT_KEY: ConfigRecord({"bad-senders": bad})})
 
 
+def consistency(msg: Message, context: Context) -> Message:
+    """Sign the survivor set S the server shows this client (authenticated rounds)."""
+    state, tag = _state_for(msg, context, CONSISTENCY)
+    if not state["authenticated"]:
+        raise SecAggError("consistency stage in a round this client runs unauthenticated")
+    survivors = config_field(msg.content, CONSISTENCY_KEY, "survivors", list, int)
+    _check_survivors(state, survivors)
+    identity = SitePolicy.from_node_config(context.node_config).identity()
+    signature = identity.sign(survivors_statement(tag.context, state["node"], survivors))
+    state.update({"stage": CONSISTENCY, "survivors": survivors})
+    return _reply(msg, tag, CONSISTENCY,
+                  {CONSISTENCY_KEY: ConfigRecord({"signature": signature})})
+
+
 def unmask(msg: Message, context: Context) -> Message:
-    """Reveal seed shares of the survivors and mask-key shares of the dropped, never both."""
+    """Reveal seed shares of the survivors and mask-key shares of the dropped, never both.
+
+    Authenticated: S is the set this client signed, and at least t members of its
+    neighbourhood (itself included) must have signed the same S.
+    """
     state, tag = _state_for(msg, context, UNMASK)
-    me = state["node"]
-    survivors = config_field(msg.content, UNMASK_KEY, "survivors", list, int)
-    dropped = config_field(msg.content, UNMASK_KEY, "dropped", list, int)
-    masked_with = set(state["masked-with"])
-    if set(survivors) & set(dropped):
-        raise SecAggError(f"nodes {sorted(set(survivors) & set(dropped))} are listed both as "
-                          "survivors and as dropped: refusing to reveal both of their secrets")
-    if me not in survivors or not set(survivors) - {me} <= masked_with \
-            or not set(dropped) <= masked_with:
-        raise SecAggError("survivors/dropped are not among the neighbours this client masked with")
-    if len(survivors) < state["threshold"]:
-        raise SecAggError(f"{len(survivors)} survivor(s) < threshold {state['threshold']}: "
-                          "refusing to help unmask")
+    nodes = list(state["nodes"])
+    if state["authenticated"]:
+        survivors = list(state["survivors"])
+        _check_consistency(msg, context, tag, state, survivors)
+    else:
+        survivors = config_field(msg.content, UNMASK_KEY, "survivors", list, int)
+        _check_survivors(state, survivors)
+    survived = set(survivors)
+    hood_survivors = [node for node in nodes if node in survived]
+    dropped = sorted(set(state["masked-with"]) - survived)
 
     held = {owner: i for i, owner in enumerate(state["share-owners"])}
-    seed_owners = [node for node in survivors if node in held]
+    seed_owners = [node for node in hood_survivors if node in held]
     key_owners = [node for node in dropped if node in held]
     shares = ConfigRecord({
         "seed-owners": seed_owners,
@@ -219,7 +291,7 @@ def unmask(msg: Message, context: Context) -> Message:
     return _reply(msg, tag, UNMASK, {UNMASK_KEY: shares})
 
 
-PREVIOUS = {SHARE_KEYS: SETUP, MASKED_INPUT: SHARE_KEYS, UNMASK: MASKED_INPUT}
+PREVIOUS = {SHARE_KEYS: SETUP, MASKED_INPUT: SHARE_KEYS, CONSISTENCY: MASKED_INPUT}
 
 
 def _state_for(msg: Message, context: Context, stage: str) -> tuple[ConfigRecord, RoundTag]:
@@ -229,13 +301,95 @@ def _state_for(msg: Message, context: Context, stage: str) -> tuple[ConfigRecord
     state = context.state[STATE_KEY]
     tag = RoundTag(state["run-id"], state["server-round"], state["round-id"])
     tag.check(msg.content, stage)
-    if state["stage"] != PREVIOUS[stage]:
+    previous = PREVIOUS.get(stage) or (CONSISTENCY if state["authenticated"] else MASKED_INPUT)
+    if state["stage"] != previous:
         raise SecAggError(f"'{stage}' message while this node is at stage '{state['stage']}' "
-                          f"(expected '{PREVIOUS[stage]}')")
+                          f"(expected '{previous}')")
     return state, tag
 
 
-def _check_neighbourhood(state, context, nodes, envelope_keys, mask_keys, threshold) -> None:
+def _check_signed_keys(msg: Message, context: Context, tag: RoundTag, state: ConfigRecord,
+                       nodes: list[int], envelope_keys: list[bytes],
+                       mask_keys: list[bytes]) -> list[str]:
+    """The neighbours' institutions, each having signed its node's keys for this round.
+
+    Refuses (naming the node) keys without a signature from an institution of the
+    site's roster: the server cannot substitute keys of its own, nor relay keys of
+    another round or node, nor present one institution as two neighbours.
+    """
+    if not state["authenticated"]:
+        return []
+    institutions = config_field(msg.content, KEYS_KEY, "institutions", list, str)
+    signatures = config_field(msg.content, KEYS_KEY, "signatures", list, bytes)
+    if not len(institutions) == len(signatures) == len(nodes):
+        raise SecAggError("institutions and signatures do not pair up with the neighbour list")
+    identity = SitePolicy.from_node_config(context.node_config).identity()
+    me, seen = state["node"], {}
+    for node, institution, signature, key_a, key_b in zip(
+            nodes, institutions, signatures, envelope_keys, mask_keys):
+        if institution in seen:
+            raise SecAggError(f"nodes {seen[institution]} and {node} both present keys of "
+                              f"institution {institution!r}: refused")
+        seen[institution] = node
+        if node == me:
+            if institution != identity.name:
+                raise SecAggError("this node's own institution was altered")
+            continue
+        if len(signature) != SIGNATURE_BYTES:
+            raise SecAggError(f"node {node}'s keys carry no valid signature: refused")
+        identity.roster.verify(node, institution, signature,
+                               keys_statement(tag.context, node, institution, key_a, key_b),
+                               "round keys")
+    return institutions
+
+
+def _check_survivors(state: ConfigRecord, survivors: list[int]) -> None:
+    """S must be sorted, hold this client and, within its neighbourhood, only neighbours it
+    masked with, at least t of them."""
+    me, nodes = state["node"], state["nodes"]
+    if survivors != sorted(set(survivors)) or me not in survivors:
+        raise SecAggError("the survivor set must be sorted, without repeats, and hold this node")
+    if len(survivors) > state["clients"]:
+        raise SecAggError(f"{len(survivors)} survivors, but only {state['clients']} client(s) "
+                          "were said to take part at share-keys")
+    hood = set(nodes) & set(survivors)
+    if not hood - {me} <= set(state["masked-with"]):
+        raise SecAggError(f"survivors {sorted(hood - {me} - set(state['masked-with']))} are not "
+                          "among the neighbours this client masked with")
+    if len(hood) < state["threshold"]:
+        raise SecAggError(f"{len(hood)} survivor(s) in this neighbourhood < threshold "
+                          f"{state['threshold']}: refusing to help unmask")
+
+
+def _check_consistency(msg: Message, context: Context, tag: RoundTag, state: ConfigRecord,
+                       survivors: list[int]) -> None:
+    """At least t members of the neighbourhood (this client included) signed S."""
+    signers = config_field(msg.content, UNMASK_KEY, "signers", list, int)
+    signatures = config_field(msg.content, UNMASK_KEY, "signatures", list, bytes)
+    if len(signers) != len(signatures):
+        raise SecAggError("signers and signatures do not pair up one to one")
+    roster = SitePolicy.from_node_config(context.node_config).identity().roster
+    nodes, me = list(state["nodes"]), state["node"]
+    valid, refused = {me}, []
+    for node, signature in zip(signers, signatures):
+        if node in valid or node not in nodes or node not in survivors:
+            continue
+        try:
+            roster.verify(node, state["institutions"][nodes.index(node)], signature,
+                          survivors_statement(tag.context, node, survivors), "survivor set")
+        except SecAggError as err:
+            refused.append(str(err))
+            continue
+        valid.add(node)
+    if len(valid) < state["threshold"]:
+        detail = f" ({'; '.join(refused)})" if refused else ""
+        raise SecAggError(f"only {len(valid)} member(s) of this neighbourhood signed the survivor "
+                          f"set this client was shown < threshold {state['threshold']}: the "
+                          f"server may be showing different sets; refusing to unmask{detail}")
+
+
+def _check_neighbourhood(state, context, msg_content, nodes, envelope_keys, mask_keys,
+                         threshold) -> None:
     me = state["node"]
     if not len(nodes) == len(envelope_keys) == len(mask_keys) or len(set(nodes)) != len(nodes):
         raise SecAggError("neighbour list and key lists do not pair up one to one")
@@ -244,16 +398,28 @@ def _check_neighbourhood(state, context, nodes, envelope_keys, mask_keys, thresh
     own = nodes.index(me)
     if (envelope_keys[own], mask_keys[own]) != (state["envelope-public"], state["mask-public"]):
         raise SecAggError("this node's own public keys were altered")
+    site = SitePolicy.from_node_config(context.node_config)
+    clients = config_field(msg_content, KEYS_KEY, "clients", int)  # those that answered setup
+    if not 2 <= clients <= state["clients"]:
+        raise SecAggError(f"{clients} client(s) said to remain of the {state['clients']} "
+                          "announced at setup")
+    floor_k = site.min_neighbours(clients)
+    if not floor_k <= len(nodes) - 1 <= clients - 1:
+        raise SecAggError(f"a neighbourhood of {len(nodes) - 1} neighbour(s) among the {clients} "
+                          f"clients of this round; this site accepts {floor_k} to "
+                          f"{clients - 1} (node config 'secagg-min-neighbour-factor' "
+                          f"{site.secagg_min_neighbour_factor})")
+    state["clients"] = clients
     for node, key_a, key_b in zip(nodes, envelope_keys, mask_keys):
         check_public_key(key_a, f"node {node}")
         check_public_key(key_b, f"node {node}")
     if len(set(envelope_keys) | set(mask_keys)) != 2 * len(nodes):
         raise SecAggError("two neighbours present the same public key")
-    fraction = SecAggConfig.from_mapping(context.run_config).secagg_threshold
-    floor = graph.threshold_for(len(nodes), fraction)
+    floor = site.min_threshold(len(nodes))
     if not floor <= threshold <= len(nodes):
         raise SecAggError(f"threshold {threshold} for a neighbourhood of {len(nodes)} is below "
-                          f"this run's floor {floor} (secagg-threshold {fraction}) or above it")
+                          f"this site's floor {floor} (node config 'secagg-min-threshold' "
+                          f"{site.secagg_min_threshold}) or above it")
 
 
 def _encoded_update(msg: Message, context: Context, reply: Message,

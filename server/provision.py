@@ -18,11 +18,14 @@ and DIR receives::
     operator/                       what the SuperLink host needs
         ca.pem superlink.pem superlink.key
         public-keys/<institution>.pub
+        secagg-roster.toml          every institution's secure-aggregation verification key
         flwr-home/config.toml       the `flwr` connection to this SuperLink (TLS)
         start-superlink.sh          TLS, SuperNode auth, --database, no runtime installs
         register-institutions.sh    `flwr supernode register` for every institution
     institutions/<name>/            what one institution needs (send it the folder)
         ca.pem supernode-auth.key supernode-auth.pub node-config.toml start-supernode.sh
+        secagg-identity.key         its Ed25519 key: signs its secure-aggregation round keys
+        secagg-roster.toml          the roster it pins (rewritten when institutions join)
 
 Re-running never touches an existing private key: the CA, the SuperLink key and the
 institutions already provisioned are kept as they are and only new institutions are
@@ -44,6 +47,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from sepal.secagg.identity import (
+    IDENTITY_FILE,
+    ROSTER_FILE,
+    Roster,
+    load_signing_key,
+    new_signing_key,
+    verification_key,
+    write_signing_key,
+)
 from server import pki
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -62,6 +74,9 @@ NODE_CONFIG_COMMENTS = {
     "dp-delta": "the delta of that budget (0 = min(1e-5, 1/(10 n)) with a cap)",
     "dp-state-dir": "a durable folder, kept and backed up, for this site's lifetime privacy "
                     "ledger (privacy-ledger.json); deleting it forgets what the data spent",
+    "secagg-identity": "this institution's secure-aggregation signing key and the roster of "
+                       "everyone's verification keys (absolute paths as provisioned: update "
+                       "them if this folder moves)",
 }
 AUTH_KEY = "supernode-auth.key"
 AUTH_PUB = "supernode-auth.pub"
@@ -180,12 +195,18 @@ def provision(spec: FederationSpec, out: Path) -> ProvisionReport:
 
     institutions_dir = out / "institutions"
     institutions_dir.mkdir(exist_ok=True)
+    roster = {}
     for institution in spec.institutions:
         folder = institutions_dir / institution.name
         existed = (folder / AUTH_KEY).exists()
         _ensure_institution(spec, institution, folder, ca_cert)
         _write_public(public_keys / f"{institution.name}.pub", (folder / AUTH_PUB).read_bytes())
+        roster[institution.name] = _ensure_signing_key(folder / IDENTITY_FILE)
         (report.kept if existed else report.created).append(institution.name)
+    roster_text = Roster(roster).to_toml(spec.name).encode()
+    _write_public(operator / ROSTER_FILE, roster_text)
+    for institution in spec.institutions:
+        _write_public(institutions_dir / institution.name / ROSTER_FILE, roster_text)
     described = {i.name for i in spec.institutions}
     report.not_in_description = sorted(
         p.name for p in institutions_dir.iterdir() if p.is_dir() and p.name not in described)
@@ -277,11 +298,18 @@ def _ensure_institution(spec: FederationSpec, institution: Institution, folder: 
                   pki.openssh_public_key(key, f"{institution.name}@{spec.name}"))
     _write_public(folder / "ca.pem", pki.certificate_pem(ca_cert))
     if not (folder / "node-config.toml").exists():
-        _write_public(folder / "node-config.toml", _node_config_toml(spec, institution).encode())
+        _write_public(folder / "node-config.toml", _node_config_toml(spec, institution, folder).encode())
     _write_script(folder / "start-supernode.sh",
                   f"SuperNode of {institution.name} in federation {spec.name}. Options given to "
                   "this script are added (e.g. --port 9095 for a second SuperNode on one host).",
                   _relative(supernode_command(spec, folder), folder))
+
+
+def _ensure_signing_key(path: Path) -> bytes:
+    """The verification key of the Ed25519 key at ``path``, created if absent."""
+    if not path.exists():
+        write_signing_key(path, new_signing_key())
+    return verification_key(load_signing_key(path))
 
 
 def _write_operator_files(spec: FederationSpec, operator: Path) -> None:
@@ -339,13 +367,17 @@ def _write_script(path: Path, comment: str, command: list[str]) -> None:
     _write_public(path, text.encode(), mode=0o755)
 
 
-def _node_config_toml(spec: FederationSpec, institution: Institution) -> str:
+def _node_config_toml(spec: FederationSpec, institution: Institution, folder: Path) -> str:
     lines = [f"# Node config of {institution.name} in federation {spec.name}.",
              "# Read by flower-supernode --node-config; the ClientApp sees these keys."]
     for key, value in institution.node_config.items():
         if key in NODE_CONFIG_COMMENTS:
             lines.append(f"# {NODE_CONFIG_COMMENTS[key]}")
         lines.append(f"{key} = {_toml_scalar(value)}")
+    if "secagg-identity" not in institution.node_config:
+        lines.append(f"# {NODE_CONFIG_COMMENTS['secagg-identity']}")
+        lines.append(f"secagg-identity = {_toml_scalar(str(folder / IDENTITY_FILE))}")
+        lines.append(f"secagg-roster = {_toml_scalar(str(folder / ROSTER_FILE))}")
     return "\n".join(lines) + "\n"
 
 
@@ -443,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  added     {name}: send {out / 'institutions' / name}/ to that institution")
     for name in report.kept:
         print(f"  kept      {name}: keys unchanged")
+        folder = out / "institutions" / name
+        if "secagg-identity" not in (folder / "node-config.toml").read_text():
+            print(f"            add to its node-config.toml: secagg-identity = "
+                  f"\"{folder / IDENTITY_FILE}\", secagg-roster = \"{folder / ROSTER_FILE}\"")
+    if report.created and report.kept:
+        print("  the roster grew: send secagg-roster.toml to every institution")
     for name in report.not_in_description:
         print(f"  untouched {name}: on disk but not in the description (still registered? "
               f"`flwr supernode unregister` removes it)")

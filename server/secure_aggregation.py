@@ -28,7 +28,12 @@ server-side DP clipping) and adaptive user-level DP are refused at start-up.
 Clients that fail, time out or send a malformed, replayed or unauthenticated
 message are dropped and logged; if fewer than t clients remain at any stage, or a
 secret lacks t shares, the round is abandoned without unmasking anything and the
-global model is kept.
+global model is kept. A wrong share is outvoted (other t-subsets are tried and the
+holder is named); a client's accusation that an envelope failed drops nobody.
+
+Clients are not trusted with what they sum: the unmasked result must lie within what
+|S| honest clients can produce (summed weight, examples, loss and accuracy sums and
+every coordinate), else the round's aggregate is refused with the reason in metrics.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -64,11 +70,20 @@ from sepal.privacy.refusal import Refusal, read_reply_privacy
 from sepal.secagg import graph, shamir
 from sepal.secagg.config import SecAggConfig
 from sepal.secagg.errors import RoundAborted, SecAggError
-from sepal.secagg.fixedpoint import SCALARS, FixedPoint, decode_scalars
+from sepal.secagg.fixedpoint import (
+    MAX_LOSS,
+    SCALAR_FRACTION,
+    SCALARS,
+    FixedPoint,
+    decode_scalars,
+)
+from sepal.secagg.identity import SIGNATURE_BYTES
 from sepal.secagg.keys import agree, check_public_key, derive, public_key_of
 from sepal.secagg.masks import VectorMasks
 from sepal.secagg.packing import add_packed, packed_size
 from sepal.secagg.protocol import (
+    CONSISTENCY,
+    CONSISTENCY_KEY,
     HEADER_KEY,
     KEYS_KEY,
     MASKED_INPUT,
@@ -160,6 +175,8 @@ class SecureRound:
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
     rejected: dict[int, str] = dataclasses.field(default_factory=dict)
     timed_out: dict[int, str] = dataclasses.field(default_factory=dict)  # node -> stage
+    accusations: dict[int, list[int]] = dataclasses.field(default_factory=dict)  # accused -> by
+    bad_shares: dict[int, str] = dataclasses.field(default_factory=dict)  # holder -> which
     refused: dict[int, Refusal] = dataclasses.field(default_factory=dict)  # privacy budget
     privacy: dict[int, ConfigRecord] = dataclasses.field(default_factory=dict)  # ε reports
     bytes_up: dict[int, int] = dataclasses.field(default_factory=dict)
@@ -180,20 +197,25 @@ class _RoundState:
     active: list[int]
     neighbours: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     keys: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
+    signed_keys: dict[int, tuple[str, bytes]] = dataclasses.field(default_factory=dict)
+    survivor_signatures: dict[int, bytes] = dataclasses.field(default_factory=dict)
     commitments: dict[int, bytes] = dataclasses.field(default_factory=dict)
     forwarded: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     values: np.ndarray | None = None
     scalars: np.ndarray | None = None
     dropped: list[int] = dataclasses.field(default_factory=list)
+    unmaskers: list[int] = dataclasses.field(default_factory=list)  # signed S (authenticated)
 
 
 class SecureAggregation:
-    """Drives one SecAgg+ round through the Grid (four ``train.secagg_*`` stages)."""
+    """Drives one SecAgg+ round through the Grid (five ``train.secagg_*`` stages; four
+    when unauthenticated)."""
 
     def __init__(self, grid: Grid, config: SecAggConfig, train_timeout: float,
-                 min_clients: int = 2, count_bytes: bool = True):
+                 min_clients: int = 2, count_bytes: bool = True, user_dp: bool = False):
         self.grid = grid
         self.config = config
+        self.user_dp = user_dp  # every client weighs W (user-level DP)
         self.train_timeout = train_timeout
         self.min_clients = max(2, min_clients)
         self.count_bytes = count_bytes  # serialized size of every message (costs a serialization)
@@ -211,13 +233,16 @@ class SecureAggregation:
             dim=dim, k=k, threshold=graph.threshold_for(k + 1, self.config.secagg_threshold),
             active=nodes)
         result.sum_bits, result.threshold = state.fixed.sum_bits, state.threshold
+        stages = [(SETUP, lambda: self.setup(state, result)),
+                  (SHARE_KEYS, lambda: self.share_keys(state, result)),
+                  (MASKED_INPUT, lambda: self.masked_input(state, messages, result)),
+                  (CONSISTENCY, lambda: self.consistency(state, result)),
+                  (UNMASK, lambda: self.unmask(state, result))]
+        if not self.config.secagg_authenticated:
+            stages.pop(3)
         try:
             self._require(state, len(nodes), "sampled")
-            for stage, step in ((SETUP, lambda: self.setup(state, result)),
-                                (SHARE_KEYS, lambda: self.share_keys(state, result)),
-                                (MASKED_INPUT, lambda: self.masked_input(state, messages,
-                                                                         result)),
-                                (UNMASK, lambda: self.unmask(state, result))):
+            for stage, step in stages:
                 started = time.perf_counter()
                 step()
                 result.stage_seconds[stage] = round(time.perf_counter() - started, 3)
@@ -236,6 +261,7 @@ class SecureAggregation:
         content = RecordDict({HEADER_KEY: state.tag.header(SETUP), PARAMS_KEY: params})
         outgoing = [self._message(state, node, SETUP, content) for node in state.active]
         seen_keys: set[bytes] = set()
+        institutions: dict[str, int] = {}
 
         def read(node: int, reply: Message) -> None:
             envelope_key = config_field(reply.content, KEYS_KEY, "envelope-key", bytes)
@@ -244,6 +270,16 @@ class SecureAggregation:
             check_public_key(mask_key, f"node {node}")
             if {envelope_key, mask_key} & seen_keys or envelope_key == mask_key:
                 raise SecAggError("public key already presented in this round")
+            if self.config.secagg_authenticated:
+                institution = config_field(reply.content, KEYS_KEY, "institution", str)
+                signature = config_field(reply.content, KEYS_KEY, "signature", bytes)
+                if len(signature) != SIGNATURE_BYTES:
+                    raise SecAggError(f"signature must be {SIGNATURE_BYTES} bytes")
+                if institution in institutions:
+                    raise SecAggError(f"institution {institution!r} already answered as node "
+                                      f"{institutions[institution]}")
+                institutions[institution] = node
+                state.signed_keys[node] = (institution, signature)
             seen_keys.update((envelope_key, mask_key))
             state.keys[node] = (envelope_key, mask_key)
 
@@ -259,10 +295,13 @@ class SecureAggregation:
         for node in state.active:
             hood = self._neighbourhood(state, node)
             keys = ConfigRecord({
-                "nodes": hood, "threshold": state.threshold,
+                "nodes": hood, "threshold": state.threshold, "clients": len(state.active),
                 "envelope-keys": [state.keys[n][0] for n in hood],
                 "mask-keys": [state.keys[n][1] for n in hood],
             })
+            if self.config.secagg_authenticated:
+                keys["institutions"] = [state.signed_keys[n][0] for n in hood]
+                keys["signatures"] = [state.signed_keys[n][1] for n in hood]
             content = RecordDict({HEADER_KEY: state.tag.header(SHARE_KEYS), KEYS_KEY: keys})
             outgoing.append(self._message(state, node, SHARE_KEYS, content))
         inbox: dict[int, list[tuple[int, bytes]]] = {node: [] for node in state.active}
@@ -304,7 +343,7 @@ class SecureAggregation:
         state.forwarded = {node: [s for s, _ in pairs] for node, pairs in state.forwarded.items()}
         expected_bytes = packed_size(state.dim, state.fixed.sum_bits)
         inputs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        accused: dict[int, int] = {}
+        accused: dict[int, set[int]] = {}
 
         def read(node: int, reply: Message) -> None:
             try:
@@ -334,15 +373,15 @@ class SecureAggregation:
             inputs[node] = (values, scalars)
             for sender in bad:
                 if sender in state.forwarded[node]:
-                    accused.setdefault(sender, node)
+                    accused.setdefault(sender, set()).add(node)
 
         self._exchange(state, MASKED_INPUT, outgoing, self.train_timeout, result, read)
-        for sender, accuser in accused.items():
-            reason = (f"node {accuser} could not open its share envelope (failed authentication: "
-                      "tampered, replayed or malformed)")
-            result.rejected[sender] = reason
-            log.warning("round %d: node %d dropped: %s", state.tag.server_round, sender, reason)
-            inputs.pop(sender, None)
+        for sender, accusers in sorted(accused.items()):
+            result.accusations[sender] = sorted(accusers)
+            log.warning("round %d: node(s) %s could not open the share envelope of node %d "
+                        "(tampered in transit, or sent wrong); it stays, its secrets are "
+                        "rebuilt from the other holders", state.tag.server_round,
+                        sorted(accusers), sender)
         survivors = sorted(inputs)
         self._require(state, len(survivors), "masked-input")
         state.dropped = [node for node in state.active if node not in inputs]
@@ -359,15 +398,40 @@ class SecureAggregation:
             np.add(state.scalars, scalars, out=state.scalars)
         state.active = survivors
 
+    def consistency(self, state: _RoundState, result: SecureRound) -> None:
+        """Show every survivor the survivor set S; collect each one's signature on it."""
+        survivors = list(state.active)
+        outgoing = []
+        for node in survivors:
+            content = RecordDict({HEADER_KEY: state.tag.header(CONSISTENCY),
+                                  CONSISTENCY_KEY: ConfigRecord({"survivors": survivors})})
+            outgoing.append(self._message(state, node, CONSISTENCY, content))
+
+        def read(node: int, reply: Message) -> None:
+            signature = config_field(reply.content, CONSISTENCY_KEY, "signature", bytes)
+            if len(signature) != SIGNATURE_BYTES:
+                raise SecAggError(f"signature must be {SIGNATURE_BYTES} bytes")
+            state.survivor_signatures[node] = signature
+
+        signers = self._exchange(state, CONSISTENCY, outgoing, self.config.secagg_stage_timeout,
+                                 result, read)
+        self._require(state, len(signers), "consistency")
+        state.unmaskers = signers
+
     def unmask(self, state: _RoundState, result: SecureRound) -> None:
         """Collect shares; remove the survivors' self masks and the dropped' pairwise masks."""
         survivors, dropped = set(state.active), set(state.dropped)
         outgoing = []
-        for node in state.active:
-            hood = self._neighbourhood(state, node)
-            lists = ConfigRecord({"survivors": [n for n in hood if n in survivors],
-                                  "dropped": [n for n in hood if n in dropped]})
-            content = RecordDict({HEADER_KEY: state.tag.header(UNMASK), UNMASK_KEY: lists})
+        for node in state.unmaskers or state.active:
+            if self.config.secagg_authenticated:
+                signers = [n for n in self._neighbourhood(state, node)
+                           if n in state.survivor_signatures]
+                record = ConfigRecord({
+                    "signers": signers,
+                    "signatures": [state.survivor_signatures[n] for n in signers]})
+            else:
+                record = ConfigRecord({"survivors": state.active})
+            content = RecordDict({HEADER_KEY: state.tag.header(UNMASK), UNMASK_KEY: record})
             outgoing.append(self._message(state, node, UNMASK, content))
         seed_shares: dict[int, dict[int, bytes]] = {n: {} for n in survivors}
         key_shares: dict[int, dict[int, bytes]] = {n: {} for n in dropped}
@@ -387,31 +451,63 @@ class SecureAggregation:
 
         masks = VectorMasks(state.dim, state.fixed.sum_bits, len(SCALARS))
         for node in sorted(survivors):
-            seed = self._reconstruct(state, node, seed_shares[node], "self-mask seed")
-            if seed_commitment(state.tag, node, seed) != state.commitments[node]:
-                raise RoundAborted(f"the self-mask seed rebuilt for node {node} does not match "
-                                   "its commitment (a holder sent a wrong share)")
+            seed = self._reconstruct(
+                state, result, node, seed_shares[node], "self-mask seed",
+                lambda secret, node=node: seed_commitment(state.tag, node, secret)
+                == state.commitments[node])
             masks.add(state.values, state.scalars, derive(seed, SELF_MASK, state.tag.context), -1)
         for node in sorted(dropped):
             partners = [n for n in state.forwarded.get(node, []) if n in survivors]
             if not partners:
                 continue
-            private = self._reconstruct(state, node, key_shares[node], "mask key")
-            if public_key_of(private) != state.keys[node][1]:
-                raise RoundAborted(f"the mask key rebuilt for node {node} does not match its "
-                                   "public key (a holder sent a wrong share)")
+            private = self._reconstruct(
+                state, result, node, key_shares[node], "mask key",
+                lambda secret, node=node: public_key_of(secret) == state.keys[node][1])
             for partner in partners:
                 key = agree(private, state.keys[partner][1], PAIR_MASK, state.tag.context)
                 masks.add(state.values, state.scalars, key, -pair_sign(partner, node))
         totals = decode_scalars(state.scalars)
-        if totals["weight-units"] <= 0:
-            raise RoundAborted("the surviving clients report no training examples")
         weighted_sum = state.fixed.decode_sum(state.values)
+        self._check_bounds(state, totals, weighted_sum, len(survivors))
         result.mean_update = weighted_sum * (self.config.secagg_max_examples
                                              / totals["weight-units"])
         result.totals = totals
         result.contributors = sorted(survivors)
 
+    def _check_bounds(self, state: _RoundState, totals: dict[str, float],
+                      weighted_sum: np.ndarray, count: int) -> None:
+        """Abort unless the unmasked sums are what ``count`` honest clients can produce.
+
+        With W = secagg-max-examples, V levels and step c / V, honest client i adds
+        w_i <= W weight units (w_i <= n_i; w_i = W under user-level DP) and per
+        coordinate an integer of magnitude <= ceil(w_i V / W), so the weighted sum of a
+        coordinate lies within (sum_i w_i V / W + count) steps and within count V steps.
+        """
+        cap, levels, step = self.config.secagg_max_examples, state.fixed.levels, state.fixed.step
+        weight, examples = int(totals["weight-units"]), int(totals["examples"])
+        forged = "a client forged its contribution"
+        if not 0 < weight <= count * cap:
+            raise RoundAborted(f"summed weight {weight} units is outside (0, {count} x "
+                               f"secagg-max-examples = {count * cap}]: {forged}")
+        if self.user_dp and weight != count * cap:
+            raise RoundAborted(f"summed weight {weight} units != {count} x {cap} under "
+                               f"user-level DP (every client weighs W): {forged}")
+        if not self.user_dp and not weight <= examples < 2**62:
+            raise RoundAborted(f"summed examples {examples} is below the summed weight {weight} "
+                               f"units or implausibly large: {forged}")
+        loss_sum, accuracy_sum = (int(v) for v in state.scalars[2:4])  # rounded per client
+        if loss_sum > weight * MAX_LOSS * SCALAR_FRACTION + count \
+                or accuracy_sum > weight * SCALAR_FRACTION + count \
+                or int(state.scalars[4]) > count * state.dim:
+            raise RoundAborted(f"summed loss, accuracy or clipped count out of range: {forged}")
+        limit = min(count * levels, math.ceil(weight * levels / cap) + count) * step
+        largest = float(np.abs(weighted_sum).max()) if weighted_sum.size else 0.0
+        if largest > limit * (1 + 1e-6):
+            raise RoundAborted(f"an unmasked coordinate sum {largest:.4g} exceeds what {count} "
+                               f"honest client(s) of summed weight {weight / cap:.4g} can "
+                               f"produce ({limit:.4g}): {forged}")
+
+    # -- helpers -----------------------------------------------------------------------
     # -- internals ---------------------------------------------------------------------
 
     def _exchange(self, state: _RoundState, stage: str, outgoing: list[Message], timeout: float,
@@ -474,15 +570,22 @@ class SecureAggregation:
         return (holder in hood and isinstance(share, bytes) and len(share) == shamir.SHARE_BYTES
                 and int.from_bytes(share[: shamir.X_BYTES], "big") == hood.index(holder) + 1)
 
-    def _reconstruct(self, state: _RoundState, owner: int, shares: dict[int, bytes],
-                     what: str) -> bytes:
+    def _reconstruct(self, state: _RoundState, result: SecureRound, owner: int,
+                     shares: dict[int, bytes], what: str,
+                     accept: Callable[[bytes], bool]) -> bytes:
+        """The secret ``accept`` confirms; holders of shares off its polynomial are named."""
         if len(shares) < state.threshold:
             raise RoundAborted(f"{len(shares)} share(s) of node {owner}'s {what} arrived < "
                                f"threshold {state.threshold}")
         try:
-            return shamir.combine(list(shares.values()), state.threshold)
+            secret, bad = shamir.robust_combine(shares, state.threshold, accept)
         except SecAggError as err:
             raise RoundAborted(f"node {owner}'s {what}: {err}") from err
+        for holder in bad:
+            result.bad_shares[holder] = f"sent a wrong share of node {owner}'s {what}"
+            log.warning("round %d: node %d sent a wrong share of node %d's %s; rebuilt from "
+                        "the others", state.tag.server_round, holder, owner, what)
+        return secret
 
     def _require(self, state: _RoundState, count: int, stage: str) -> None:
         needed = max(state.threshold, self.min_clients)
@@ -505,9 +608,10 @@ def _content_bytes(content: RecordDict, model_bytes: dict[int, int]) -> int:
 class SecureFederation(Federation):
     """The round loop with the uploads summed by SecAgg+ instead of collected one by one."""
 
-    def __init__(self, *args, secagg: SecAggConfig, **kwargs):
+    def __init__(self, *args, secagg: SecAggConfig, user_dp: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.secagg = secagg
+        self.user_dp = user_dp
         check_strategy(self.strategy)
         check_codec(str(self.train_config.get("upload-codec", "dense")))
 
@@ -515,7 +619,10 @@ class SecureFederation(Federation):
                         weights: OrderedDict[str, np.ndarray]) -> DecodedRound:
         dim = sum(array.size for array in weights.values())
         outcome = SecureAggregation(self.grid, self.secagg, self.cfg.round_timeout,
-                                    self.cfg.min_train_nodes).run(messages, dim)
+                                    self.cfg.min_train_nodes, user_dp=self.user_dp).run(
+                                        messages, dim)
+        if outcome.mean_update is not None:
+            self._validate_mean(outcome, weights)
         decoded = DecodedRound(accepted=[], updates={}, rejected=outcome.rejected,
                                failed=outcome.failed, bytes_up=outcome.bytes_up,
                                timed_out=sorted(outcome.timed_out), refused=outcome.refused,
@@ -529,20 +636,35 @@ class SecureFederation(Federation):
                 "clipped_values": outcome.totals.get("clipped", 0),
                 "timed_out_at": {str(k): v for k, v in outcome.timed_out.items()},
                 "stage_seconds": outcome.stage_seconds,
+                "accusations": {str(k): v for k, v in outcome.accusations.items()},
+                "bad_shares": {str(k): v for k, v in outcome.bad_shares.items()},
             },
         }
         if outcome.mean_update is not None:
             decoded.accepted = [self._aggregate_reply(outcome, weights, messages)]
         return decoded
 
+    def _validate_mean(self, outcome: SecureRound,
+                       weights: OrderedDict[str, np.ndarray]) -> None:
+        """The update validator on the unmasked mean; a defect refuses the aggregate."""
+        update = _split(outcome.mean_update, weights)
+        try:
+            self.validator.check(update, weights)
+            defect = self.validator.check_norms({0: update}).get(0)
+        except wire.UploadError as err:
+            defect = str(err)
+        if defect is not None:
+            outcome.aborted = f"the unmasked mean update fails validation: {defect}"
+            outcome.mean_update = None
+            log.warning("secure aggregation: aggregate refused, global model kept: %s",
+                        outcome.aborted)
+
     def _aggregate_reply(self, outcome: SecureRound, weights: OrderedDict[str, np.ndarray],
                          messages: list[Message]) -> Message:
         """One reply shaped like a client's: arrays = global + mean update, the totals."""
-        arrays, offset = OrderedDict(), 0
-        for name, array in weights.items():
-            delta = outcome.mean_update[offset: offset + array.size].reshape(array.shape)
-            arrays[name] = (array + delta).astype(array.dtype)
-            offset += array.size
+        deltas = _split(outcome.mean_update, weights)
+        arrays = OrderedDict((name, (array + deltas[name]).astype(array.dtype))
+                             for name, array in weights.items())
         totals = outcome.totals
         metrics = MetricRecord({
             wire.NUM_EXAMPLES: int(totals["examples"]),
@@ -560,11 +682,21 @@ class SecureFederation(Federation):
             ttl=first.ttl, message_type=first.message_type))
 
 
+def _split(flat: np.ndarray, like: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """``flat`` cut into tensors shaped like ``like``'s (views, no copies)."""
+    parts, offset = OrderedDict(), 0
+    for name, array in like.items():
+        parts[name] = flat[offset: offset + array.size].reshape(array.shape)
+        offset += array.size
+    return parts
+
+
 def federation_class(run_config, strategy: Strategy):
     """Federation, or SecureFederation bound to its settings when ``secure-aggregation``."""
     secagg = SecAggConfig.from_mapping(run_config)
     if not secagg.enabled:
         return Federation
     check_strategy(strategy)
-    check_user_dp(UserLevelDPSettings.from_run_config(run_config))
-    return functools.partial(SecureFederation, secagg=secagg)
+    user_dp = UserLevelDPSettings.from_run_config(run_config)
+    check_user_dp(user_dp)
+    return functools.partial(SecureFederation, secagg=secagg, user_dp=user_dp.enabled)

@@ -16,6 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 
+from sepal.secagg.identity import SitePolicy
 from server import pki
 from server.provision import FederationSpec, ProvisionError, main, provision
 
@@ -94,7 +95,16 @@ def test_each_institution_gets_its_node_config_and_exact_command(tmp_path):
     folder = fed / "institutions" / "hospital-a"
     config = parse_config_args([str(folder / "node-config.toml")])  # how flower-supernode reads it
     assert config == {"data-path": "/srv/sepal/data", "device": "auto", "dp-max-epsilon": 4.0,
-                      "dp-delta": 1e-5, "dp-state-dir": "/var/lib/sepal/dp-state"}
+                      "dp-delta": 1e-5, "dp-state-dir": "/var/lib/sepal/dp-state",
+                      "secagg-identity": str(folder / "secagg-identity.key"),
+                      "secagg-roster": str(folder / "secagg-roster.toml")}
+    # the identity signs; every institution's roster pins the same verification keys
+    identity = SitePolicy.from_node_config(config).identity()
+    assert identity.name == "hospital-a" and _mode(folder / "secagg-identity.key") == 0o600
+    rosters = {(fed / f"institutions/{n}/secagg-roster.toml").read_text()
+               for n in ("hospital-a", "clinic-b")}
+    assert rosters == {(fed / "operator" / "secagg-roster.toml").read_text()}
+    assert set(identity.roster.keys) == {"hospital-a", "clinic-b"}
     assert parse_config_args([str(fed / "institutions/clinic-b/node-config.toml")])["device"] \
         == "cuda:0"
 
@@ -141,6 +151,8 @@ def test_rerun_keeps_every_key_and_adds_only_new_institutions(tmp_path):
     assert "/data/here" in edited.read_text()  # an institution's edits survive
     assert (fed / "institutions" / "lab-c" / "supernode-auth.key").exists()
     assert "lab-c.pub" in (fed / "operator" / "register-institutions.sh").read_text()
+    # the sites already provisioned get the grown roster (their own key unchanged)
+    assert "lab-c = " in (fed / "institutions" / "hospital-a" / "secagg-roster.toml").read_text()
 
     # an institution dropped from the description is left alone and reported
     report = provision(FederationSpec.from_mapping(

@@ -44,6 +44,28 @@ def test_shamir_tampered_share_changes_the_secret_and_bad_inputs_are_named():
         shamir.split(secret, 4, 3)
 
 
+@pytest.mark.parametrize("wrong", [(), (1,), (1, 6), (2, 4, 7)])
+def test_robust_combine_outvotes_wrong_shares_and_names_their_holders(wrong):
+    secret = os.urandom(32)
+    shares = dict(zip(range(1, 10), shamir.split(secret, 5, 9)))  # t = 5 of 9
+    for holder in wrong:
+        share = shares[holder]
+        shares[holder] = share[:shamir.X_BYTES] + os.urandom(shamir.Y_BYTES - 1) + b"\x01"
+    rebuilt, bad = shamir.robust_combine(shares, 5, lambda candidate: candidate == secret)
+    assert rebuilt == secret and bad == sorted(wrong)
+
+
+def test_robust_combine_gives_up_when_fewer_than_t_shares_are_right():
+    secret = os.urandom(32)
+    shares = dict(zip(range(1, 7), shamir.split(secret, 4, 6)))
+    for holder in (1, 2, 3):
+        shares[holder] = shares[holder][:shamir.X_BYTES] + bytes(shamir.Y_BYTES)
+    with pytest.raises(SecAggError, match="no 4 of the 6 shares give the committed secret"):
+        shamir.robust_combine(shares, 4, lambda candidate: candidate == secret)
+    with pytest.raises(SecAggError, match="no 4 of the 6 shares checked out in 3 tries"):
+        shamir.robust_combine(shares, 4, lambda candidate: candidate == secret, max_subsets=3)
+
+
 def test_x25519_hkdf_agreement_is_symmetric_and_bound_to_purpose_and_round():
     a, b, c = KeyPair.generate(), KeyPair.generate(), KeyPair.generate()
     ab = agree(a.private, b.public, b"pairwise-mask", b"round-1")

@@ -13,7 +13,9 @@ def test_secure_rounds_with_compression_and_dp_train_and_upload_b_bit_vectors(ru
     model = build_model("tiny-bert", ["negative", "positive"], 0)
     dim = sum(p.numel() for p in exchanged_parameters(model).values())
     folder = run_simulation({
-        "secure-aggregation": True, "secagg-value-bits": 16, "secagg-clip": 0.05,
+        # a simulation has no provisioned identities: the unauthenticated mode
+        "secure-aggregation": True, "secagg-authenticated": False,
+        "secagg-value-bits": 16, "secagg-clip": 0.05,
         "upload-codec": "q8", "download-codec": "q8",
         "dp-sgd": True, "dp-target-epsilon": 8.0,
         "user-dp": "client-fixed", "user-dp-noise-multiplier": 0.1,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from fractions import Fraction
 
 import networkx as nx
 
@@ -31,9 +32,14 @@ def neighbour_count(clients: int, requested: int = 0) -> int:
     return min(k, clients - 1)
 
 
+def as_fraction(value: float) -> Fraction:
+    """A configured fraction as the nearest p/q with q <= 100, so that 0.667 means 2/3."""
+    return Fraction(value).limit_denominator(100)
+
+
 def threshold_for(neighbourhood: int, fraction: float) -> int:
     """t: shares needed to reconstruct; at least 2, at most the neighbourhood size."""
-    return min(neighbourhood, max(2, math.ceil(fraction * neighbourhood)))
+    return min(neighbourhood, max(2, math.ceil(as_fraction(fraction) * neighbourhood)))
 
 
 def build_graph(nodes: list[int], k: int) -> dict[int, list[int]]:

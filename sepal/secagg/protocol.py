@@ -1,18 +1,26 @@
 """The messages of one SecAgg+ round and the checks both sides apply to them.
 
-Four stages, each one message from the server to every remaining client and one
+Five stages, each one message from the server to every remaining client and one
 reply (message type ``train.<action>``, routed by ``@app.train(action)``):
 
 =============  =========================================  ==============================
 stage          server -> client                           client -> server
 =============  =========================================  ==============================
-setup          n and b                                    public keys (mask, envelope)
-share-keys     neighbours' public keys, threshold t       share envelopes, seed commitment
+setup          n and b                                    public keys (mask, envelope),
+                                                          signed with the institution's key
+share-keys     neighbours' signed public keys,            share envelopes, seed commitment
+               threshold t
 masked-input   global model + train config, envelopes     masked update (b-bit packed),
                addressed to the client                    senders whose envelope failed
-unmask         survivors and dropped among neighbours     seed shares of survivors,
-                                                          mask-key shares of the dropped
+consistency    the survivor set S (whose masked input     signature on S
+               the server summed)
+unmask         neighbours' signatures on S (or S itself   seed shares of the survivors,
+               when unauthenticated)                      mask-key shares of the dropped
 =============  =========================================  ==============================
+
+The consistency stage runs in authenticated rounds (``secagg-authenticated``): a
+client reveals shares only when at least t members of its neighbourhood signed the
+same S, so a server cannot show different survivor sets to different holders.
 
 Every message carries a header ``secagg`` = {run-id, server-round, round-id, stage};
 ``round-id`` is 16 random bytes drawn by the server per round. Both sides refuse a
@@ -32,20 +40,24 @@ from flwr.app import ConfigRecord, RecordDict
 from sepal.secagg.errors import SecAggError
 
 SETUP, SHARE_KEYS, MASKED_INPUT, UNMASK = "setup", "share-keys", "masked-input", "unmask"
-STAGES = (SETUP, SHARE_KEYS, MASKED_INPUT, UNMASK)
+CONSISTENCY = "consistency"
+STAGES = (SETUP, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK)
 ACTIONS = {SETUP: "secagg_setup", SHARE_KEYS: "secagg_share_keys",
-           MASKED_INPUT: "secagg_masked_input", UNMASK: "secagg_unmask"}
+           MASKED_INPUT: "secagg_masked_input", CONSISTENCY: "secagg_consistency",
+           UNMASK: "secagg_unmask"}
 
 HEADER_KEY = "secagg"
 PARAMS_KEY = "secagg-params"    # setup: clients (n sampled), sum-bits (b)
-KEYS_KEY = "secagg-keys"        # setup reply: envelope-key, mask-key;
-                                # share-keys: nodes, envelope-keys, mask-keys, threshold
+KEYS_KEY = "secagg-keys"        # setup reply: envelope-key, mask-key, institution, signature;
+                                # share-keys: nodes, envelope-keys, mask-keys, threshold,
+                                # institutions, signatures
 SHARES_KEY = "secagg-shares"    # share-keys reply: recipients, envelopes, seed-commitment;
                                 # masked-input: senders, envelopes
 MASKED_KEY = "secagg-masked"    # masked-input reply (ArrayRecord): values, scalars
 REPORT_KEY = "secagg-report"    # masked-input reply: bad-senders
-UNMASK_KEY = "secagg-unmask"    # unmask: survivors, dropped; reply: seed-owners, seed-shares,
-                                # key-owners, key-shares
+CONSISTENCY_KEY = "secagg-consistency"  # consistency: survivors; reply: signature
+UNMASK_KEY = "secagg-unmask"    # unmask: signers, signatures (or survivors, unauthenticated);
+                                # reply: seed-owners, seed-shares, key-owners, key-shares
 
 # Purposes of derived keys (HKDF info, with the round id as context).
 SELF_MASK, PAIR_MASK, ENVELOPE_KEY = b"self-mask", b"pairwise-mask", b"share-envelope"

@@ -14,7 +14,9 @@ Lagrange interpolation, fewer reveal nothing about it.
 
 from __future__ import annotations
 
+import itertools
 import secrets
+from collections.abc import Callable, Mapping
 
 from sepal.secagg.errors import SecAggError
 
@@ -49,21 +51,71 @@ def combine(shares: list[bytes], threshold: int) -> bytes:
         raise SecAggError(f"{len(shares)} share(s) cannot reconstruct a secret that needs "
                           f"{threshold}")
     points = [_parse(share) for share in shares[:threshold]]
-    xs = [x for x, _ in points]
-    if len(set(xs)) != len(xs):
+    if len({x for x, _ in points}) != len(points):
         raise SecAggError("two shares have the same index")
-    secret = 0
-    for i, (x_i, y_i) in enumerate(points):
-        numerator, denominator = 1, 1
-        for j, x_j in enumerate(xs):
-            if j != i:
-                numerator = numerator * x_j % PRIME
-                denominator = denominator * (x_j - x_i) % PRIME
-        secret = (secret + y_i * numerator * pow(denominator, -1, PRIME)) % PRIME
+    secret = _evaluate(points, 0)
     if secret >= 2 ** (8 * SECRET_BYTES):
         raise SecAggError("the shares are inconsistent: they do not interpolate to a "
                           f"{SECRET_BYTES}-byte secret")
     return secret.to_bytes(SECRET_BYTES, "big")
+
+
+def robust_combine(shares: Mapping[int, bytes], threshold: int,
+                   accept: Callable[[bytes], bool],
+                   max_subsets: int = 4096) -> tuple[bytes, list[int]]:
+    """The secret that ``accept`` confirms (a commitment or public key), rebuilt from some
+    ``threshold`` of ``shares`` (holder -> share), and the holders whose share is not on
+    the polynomial of that secret.
+
+    Subsets are tried leaving out 0, 1, 2, ... holders, so e wrong shares cost about
+    C(threshold + e, e) tries; SecAggError after ``max_subsets`` or when none is accepted.
+    """
+    points, unreadable = {}, []
+    for holder in sorted(shares):
+        try:
+            points[holder] = _parse(shares[holder])
+        except SecAggError:
+            unreadable.append(holder)
+    holders = sorted(points)
+    if len({x for x, _ in points.values()}) != len(points):
+        raise SecAggError("two shares have the same index")
+    if len(holders) < threshold:
+        raise SecAggError(f"only {len(holders)} of {len(shares)} share(s) are points of the "
+                          f"field; the secret needs {threshold}")
+    tried: set[tuple[int, ...]] = set()
+    for left_out in range(len(holders) - threshold + 1):
+        for excluded in itertools.combinations(holders, left_out):
+            subset = tuple(h for h in holders if h not in excluded)[:threshold]
+            if subset in tried:
+                continue
+            if len(tried) >= max_subsets:
+                raise SecAggError(f"no {threshold} of the {len(holders)} shares checked out in "
+                                  f"{max_subsets} tries")
+            tried.add(subset)
+            chosen = [points[h] for h in subset]
+            value = _evaluate(chosen, 0)
+            if value >= 2 ** (8 * SECRET_BYTES):
+                continue
+            secret = value.to_bytes(SECRET_BYTES, "big")
+            if accept(secret):
+                bad = [h for h in holders if h not in subset
+                       and _evaluate(chosen, points[h][0]) != points[h][1]]
+                return secret, sorted(bad + unreadable)
+    raise SecAggError(f"no {threshold} of the {len(shares)} shares give the committed secret: "
+                      f"more than {len(shares) - threshold} of them are wrong")
+
+
+def _evaluate(points: list[tuple[int, int]], at: int) -> int:
+    """f(at) for the polynomial of degree len(points) - 1 through ``points`` (Lagrange)."""
+    total = 0
+    for i, (x_i, y_i) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, (x_j, _) in enumerate(points):
+            if j != i:
+                numerator = numerator * (x_j - at) % PRIME
+                denominator = denominator * (x_j - x_i) % PRIME
+        total = (total + y_i * numerator * pow(denominator, -1, PRIME)) % PRIME
+    return total
 
 
 def _parse(share: bytes) -> tuple[int, int]:

@@ -48,6 +48,9 @@ class RunConfig:
     round_timeout: float = 3600.0
     output_dir: str = "outputs"
     run_name: str = ""
+    export_quantized: bool = dataclasses.field(default=False, metadata={
+        "help": "also write the int8 ONNX model for CPU serving (model-int8/) at the end of "
+                "the run"})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -21,6 +21,7 @@ from sepal.task import build_task_model, centralized_train_split
 from server.central_dp import wrap_with_user_level_dp
 from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger
 from server.evaluation import ServerEvaluator
+from server.export import export_run
 from server.privacy_monitor import PrivacyMonitor
 from server.run_output import RunOutput
 from server.secure_aggregation import federation_class
@@ -90,4 +91,6 @@ def serve(grid: Grid, context: Context) -> Path:
     evaluator.export(final, output.model_path)
     output.close()
     log.info("final model saved to %s", output.model_path.resolve())
+    if cfg.export_quantized:
+        log.info("int8 serving model saved to %s", export_run(output.folder).resolve())
     return output.folder

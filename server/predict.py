@@ -1,47 +1,48 @@
-"""Classify texts with a saved Sepal model: ``sepal-predict --model DIR [TEXT ...]``.
+"""Classify texts with a saved Sepal model: ``sepal-predict --model PATH [TEXT ...]``.
 
-Texts come from the arguments or, when none are given, one per line on stdin.
-Prints one JSON object per text: the text, the predicted label and its probability.
+``PATH`` is a run folder (its int8 model when exported, else ``model/``) or a model folder.
+Texts come from the arguments or, when none are given, one per line on stdin, read and
+classified ``--batch-size`` lines at a time. Prints one JSON object per text: the text,
+the predicted label, its id and probability, and the probability of every label.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+from collections.abc import Iterable, Iterator
 
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-import sepal.model  # noqa: F401  (registers the mean-pooling classifier with transformers)
+from sepal.inference import PRECISIONS, Classifier, InferenceError, model_folder
 
 
-def predict(model_dir: str, texts: list[str], max_seq_length: int = 128) -> list[dict]:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    encoded = tokenizer(texts, truncation=True, max_length=max_seq_length, padding=True,
-                        return_tensors="pt")
-    with torch.no_grad():
-        probabilities = model(**encoded).logits.softmax(-1)
-    results = []
-    for text, row in zip(texts, probabilities):
-        label = int(row.argmax())
-        results.append({"text": text, "label": model.config.id2label[label],
-                        "label_id": label, "probability": round(float(row[label]), 4)})
-    return results
+def batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    texts = (line.rstrip("\r\n") for line in lines if line.strip())
+    while batch := list(itertools.islice(texts, size)):
+        yield batch
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="folder written by a run (…/model)")
-    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--model", required=True, help="a run folder or a model folder")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="for a run folder: int8, fp32, or auto (int8 when exported)")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("texts", nargs="*", help="texts to classify (default: stdin lines)")
     args = parser.parse_args(argv)
-    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
+    try:
+        classifier = Classifier.load(model_folder(args.model, args.precision), args.batch_size)
+    except InferenceError as err:
+        print(f"sepal-predict: {err}", file=sys.stderr)
+        return 2
+    seen = 0
+    for batch in batches(args.texts or sys.stdin, args.batch_size):
+        for text, prediction in zip(batch, classifier.predict(batch)):
+            print(json.dumps({"text": text, **prediction.to_dict()}))
+        seen += len(batch)
+    if not seen:
         parser.error("no texts given (as arguments or on stdin)")
-    for result in predict(args.model, texts, args.max_seq_length):
-        print(json.dumps(result))
     return 0
 
 

@@ -141,10 +141,6 @@ def export_run(run_dir: str | Path) -> Path:
     return export_int8(run_dir / FP32_FOLDER, run_dir / INT8_FOLDER, max_length)
 
 
-def folder_size(folder: Path) -> int:
-    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
-
-
 def weights_size(folder: Path) -> int:
     """Bytes of the model weights alone (the tokenizer and configs are the same size in every
     format)."""

@@ -59,6 +59,17 @@ def run_dir(tmp_path_factory, sst2) -> Path:
     return run
 
 
+@pytest.fixture(scope="module")
+def clear_cases(run_dir, sst2) -> list[tuple[str, str]]:
+    """The two dev sentences the int8 model finds most positive and the two most negative,
+    with its labels: far enough from the boundary that the batch they share (int8
+    activations are quantized per batch) cannot change their labels."""
+    dev = load_split(str(sst2), "dev")
+    predictions = Classifier.load(run_dir / "model-int8").predict(dev.texts)
+    ranked = sorted(zip(dev.texts, predictions), key=lambda pair: pair[1].probabilities["positive"])
+    return [(text, p.label) for text, p in ranked[:2] + ranked[-2:]]
+
+
 def test_int8_model_agrees_with_fp32_on_the_dev_set(run_dir, sst2):
     dev = load_split(str(sst2), "dev")
     fp32 = Classifier.load(run_dir / "model")
@@ -76,14 +87,14 @@ def test_int8_model_agrees_with_fp32_on_the_dev_set(run_dir, sst2):
 
 
 def test_predictions_keep_the_order_of_the_texts_across_micro_batches(run_dir):
-    classifier = Classifier.load(run_dir / "model-int8", batch_size=3)
+    classifier = Classifier.load(run_dir / "model", batch_size=3)
     texts = ["a gorgeous, witty, seductive movie.", "dull", "x " * 500, "fine", "",
              "a long and tedious film with nothing to say about anything at all"]
     batched = classifier.predict(texts)
     one_by_one = [classifier.predict([text])[0] for text in texts]
     assert [p.label_id for p in batched] == [p.label_id for p in one_by_one]
     for mixed, alone in zip(batched, one_by_one):
-        assert mixed.probability == pytest.approx(alone.probability, abs=1e-3)
+        assert mixed.probability == pytest.approx(alone.probability, abs=1e-4)
         assert sum(mixed.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
 
 
@@ -108,15 +119,15 @@ def test_export_of_a_folder_without_a_model_fails_naming_it(tmp_path, capsys):
     assert str(tmp_path) in error and "model/config.json" in error
 
 
-def test_predict_cli_reads_stdin_in_batches_and_names_a_missing_folder(run_dir, tmp_path,
-                                                                       capsys, monkeypatch):
-    lines = ["a gorgeous, witty, seductive movie.", "", "dull and lifeless", "fine", "bad"]
+def test_predict_cli_reads_stdin_in_batches_and_names_a_missing_folder(run_dir, clear_cases,
+                                                                       tmp_path, capsys,
+                                                                       monkeypatch):
+    lines = [clear_cases[0][0], "", *[text for text, _ in clear_cases[1:]]]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
-    assert predict_main(["--model", str(run_dir), "--batch-size", "2"]) == 0
+    assert predict_main(["--model", str(run_dir), "--batch-size", "3"]) == 0
     answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [a["text"] for a in answers] == [line for line in lines if line]
-    expected = Classifier.load(run_dir / "model-int8").predict([a["text"] for a in answers])
-    assert [a["label"] for a in answers] == [p.label for p in expected]
+    assert [(a["text"], a["label"]) for a in answers] == clear_cases
+    assert {label for _, label in clear_cases} == {"negative", "positive"}
 
     assert predict_main(["--model", str(tmp_path / "nowhere"), "x"]) == 2
     assert f"model folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
@@ -165,7 +176,8 @@ def service(run_dir):
         (run_dir / "privacy.json").unlink()
 
 
-def test_service_answers_rejects_bad_requests_stays_up_and_stops(service, run_dir):
+def test_service_answers_rejects_bad_requests_stays_up_and_stops(service, run_dir,
+                                                                  clear_cases):
     client, process = service
     metadata = client.get("/metadata").json()
     assert metadata["label_names"] == ["negative", "positive"]
@@ -174,22 +186,20 @@ def test_service_answers_rejects_bad_requests_stays_up_and_stops(service, run_di
     assert metadata["run"] == run_dir.name
     assert metadata["privacy"] == {"statement": "(8.0, 1e-05)-DP per client"}
 
-    texts = ["a gorgeous, witty, seductive movie.", "dull and lifeless", "fine"]
+    texts = [text for text, _ in clear_cases]
     answer = client.post("/predict", json={"texts": texts})
     assert answer.status_code == 200
     predictions = answer.json()["predictions"]
-    expected = Classifier.load(run_dir / "model-int8").predict(texts)
-    assert [p["label"] for p in predictions] == [p.label for p in expected]
+    assert [p["label"] for p in predictions] == [label for _, label in clear_cases]
     assert all(sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
                for p in predictions)
 
     # concurrent requests share micro-batches; each gets its own answers back
-    singles = [[text] for text in texts * 4]
-    with ThreadPoolExecutor(max_workers=6) as pool:
-        replies = list(pool.map(lambda body: client.post("/predict", json={"texts": body}),
-                                singles))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        replies = list(pool.map(lambda text: client.post("/predict", json={"texts": [text]}),
+                                texts * 4))
     assert [r.json()["predictions"][0]["label"] for r in replies] == \
-        [p.label for p in expected] * 4
+        [label for _, label in clear_cases] * 4
 
     def chunked(payload: bytes):
         for start in range(0, len(payload), 1000):
@@ -222,13 +232,14 @@ def test_service_answers_rejects_bad_requests_stays_up_and_stops(service, run_di
     assert too_long["loc"] == ["body", "texts", 1] and "200 characters" in too_long["msg"]
 
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.post("/predict", json={"texts": texts}).json()["predictions"] == predictions
+    assert [p["label"] for p in client.post("/predict", json={"texts": texts}).json()[
+        "predictions"]] == [label for _, label in clear_cases]
 
     os.killpg(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=30) == 0
+    assert process.wait(timeout=60) == -signal.SIGTERM  # uvicorn re-raises it once shut down
     assert "Application shutdown complete" in process.stderr.read().decode()
     with pytest.raises(httpx.ConnectError):
-        client.get("/health")
+        httpx.get(f"{client.base_url}health", timeout=5)
 
 
 def test_service_without_a_run_exits_naming_the_outputs_folder(tmp_path, capsys):

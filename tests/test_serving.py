@@ -166,7 +166,7 @@ def service(run_dir):
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     try:
-        _wait_healthy(client, process, timeout=120)
+        _wait_healthy(client, process, timeout=900)
         yield client, process
     finally:
         client.close()

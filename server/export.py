@@ -4,8 +4,9 @@ Reads ``RUN_DIR/model/`` (fp32; a LoRA adapter folder is merged into its base fi
 writes ``RUN_DIR/model-int8/``: the model exported to ONNX, its BERT subgraphs fused by
 ONNX Runtime's transformer optimizer, then dynamically quantized (int8 weights, int8
 activations quantized per batch), with the tokenizer and ``config.json``. ONNX Runtime's
-int8 was kept over PyTorch's dynamic quantization of the same model because it is both
-smaller and faster at equal accuracy (``docs/serving.md``, ``benchmarks/serving.py``).
+int8 is kept over PyTorch's dynamic quantization because the latter quantizes only Linear
+layers: the word-embedding table, half of MiniLM's parameters, stays fp32
+(``docs/serving.md``; ``benchmarks/serving.py`` measures both).
 The run also writes it at the end when its config sets ``export-quantized = true``.
 """
 

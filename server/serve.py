@@ -11,8 +11,6 @@ Texts of concurrent requests share micro-batches of at most ``--batch-size`` tex
 ``--max-text-chars`` per text (422, naming the offending text).
 """
 
-from __future__ import annotations
-
 import argparse
 import asyncio
 import contextlib

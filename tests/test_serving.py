@@ -161,7 +161,7 @@ def service(run_dir):
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "server.serve", "--outputs", str(run_dir.parent),
-         "--port", str(port), "--max-texts", "8", "--max-text-chars", "200",
+         "--port", str(port), "--max-texts", "8", "--max-text-chars", "1000",
          "--max-body-bytes", "4000", "--threads", "1"],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
@@ -208,7 +208,7 @@ def test_service_answers_rejects_bad_requests_stays_up_and_stops(service, run_di
     oversized = json.dumps({"texts": ["word " * 30] * 40}).encode()
     rejected = {
         "too many texts": client.post("/predict", json={"texts": ["a"] * 9}),
-        "text too long": client.post("/predict", json={"texts": ["ok", "x" * 201]}),
+        "text too long": client.post("/predict", json={"texts": ["ok", "x" * 1001]}),
         "no texts": client.post("/predict", json={"texts": []}),
         "not a list": client.post("/predict", json={"texts": "one text"}),
         "not strings": client.post("/predict", json={"texts": [1, 2]}),
@@ -229,7 +229,7 @@ def test_service_answers_rejects_bad_requests_stays_up_and_stops(service, run_di
     assert "4000 bytes" in rejected["declared too large"].json()["detail"]
     assert "4000 bytes" in rejected["streamed too large"].json()["detail"]
     too_long = rejected["text too long"].json()["detail"][0]
-    assert too_long["loc"] == ["body", "texts", 1] and "200 characters" in too_long["msg"]
+    assert too_long["loc"] == ["body", "texts", 1] and "1000 characters" in too_long["msg"]
 
     assert client.get("/health").json() == {"status": "ok"}
     assert [p["label"] for p in client.post("/predict", json={"texts": texts}).json()[

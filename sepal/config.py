@@ -111,6 +111,9 @@ class RunConfig:
     run_name: str = dataclasses.field(default="", metadata={
         "help": "Name of the run's output folder and of its checkpoints (empty = a timestamp and "
                 "the Flower run id); needed to resume."})
+    export_quantized: bool = dataclasses.field(default=False, metadata={
+        "help": "Also write the int8 ONNX model for CPU serving (model-int8/) at the end of "
+                "the run."})
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:

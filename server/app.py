@@ -29,6 +29,7 @@ from sepal.task import (
 from server.central_dp import check_user_level_rounding, wrap_with_user_level_dp
 from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger
 from server.evaluation import ServerEvaluator
+from server.export import export_run
 from server.privacy_monitor import PrivacyMonitor
 from server.privacy_statement import write_privacy_statement
 from server.progress import run_header, run_summary_lines
@@ -111,4 +112,6 @@ def serve(grid: Grid, context: Context) -> Path:
         output.close()
         for line in run_summary_lines(summary):
             log.info(line)
+        if cfg.export_quantized:
+            log.info("int8 serving model saved to %s", export_run(output.folder).resolve())
         return output.folder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 
 import numpy as np
@@ -28,9 +29,12 @@ class ServerEvaluator:
         return evaluate(self.model, self.loader, self.device, len(self.label_names))
 
     def export(self, weights: OrderedDict[str, np.ndarray], folder) -> None:
-        """Save the global model so plain ``transformers`` can load it."""
+        """Save the global model so plain ``transformers`` can load it; the tokenizer's
+        ``model_max_length`` is the run's ``max_seq_length``, the length it trained on."""
         from sepal.model import load_tokenizer
 
         set_weights(self.model, weights)
         exportable(self.model).save_pretrained(str(folder))
-        load_tokenizer(self.cfg.model).save_pretrained(str(folder))
+        tokenizer = copy.copy(load_tokenizer(self.cfg.model))  # the cached one stays as it is
+        tokenizer.model_max_length = self.cfg.max_seq_length
+        tokenizer.save_pretrained(str(folder))

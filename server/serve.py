@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from sepal.inference import (
     PRECISIONS,
@@ -35,10 +35,16 @@ log = logging.getLogger("sepal.serve")
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = 1_000_000
-    max_texts: int = 256
-    max_text_chars: int = 10_000
-    batch_size: int = 32
+    CONFIG_SOURCE: ClassVar[str] = "sepal-serve options"
+
+    max_body_bytes: int = dataclasses.field(default=1_000_000, metadata={
+        "help": "Largest request body; a larger one is answered 413."})
+    max_texts: int = dataclasses.field(default=256, metadata={
+        "help": "Most texts in one request; more are answered 422."})
+    max_text_chars: int = dataclasses.field(default=10_000, metadata={
+        "help": "Longest text in characters; a longer one is answered 422."})
+    batch_size: int = dataclasses.field(default=32, metadata={
+        "help": "Texts per micro-batch through the model, across concurrent requests."})
 
     def validate(self) -> None:
         for name, value in dataclasses.asdict(self).items():

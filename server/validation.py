@@ -47,8 +47,6 @@ class ValidationConfig:
     validation_clip_bound: float = dataclasses.field(default=0.0, metadata={
         "help": "The reference norm, e.g. the clipping norm sites apply under DP (0 = the median "
                 "norm of the round's updates)."})
-    validation_norm_multiple: float = 10.0  # 0 switches the norm check off
-    validation_clip_bound: float = 0.0      # > 0: reference norm; 0: the round's median norm
     max_site_examples: int = dataclasses.field(default=100_000, metadata={
         "help": "Largest num-examples a site may declare; a reply claiming more is rejected, "
                 "so no site can take the weight of the others."})

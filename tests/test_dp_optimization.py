@@ -105,10 +105,9 @@ def test_the_accountant_counts_logical_batches_not_physical_chunks():
     with privacy.attach(model, optimizer, loader) as (dp_opt, loss, dp_loader):
         stats = train_epochs(model, dp_loader, dp_opt, 1, torch.device("cpu"), criterion=loss,
                              physical_batch_size=4)
-        counted_by_opacus = privacy.steps_taken
+    counted_by_opacus = sum(steps for _, _, steps in privacy.accountant.history)
     assert len(forwards) > len(real_steps) > 0, "batches must really run in several chunks"
-    assert counted_by_opacus == len(real_steps) == stats.steps
-    assert privacy.steps_taken == plan.steps_per_round  # empty Poisson batches counted too
+    assert counted_by_opacus == len(real_steps) == stats.steps <= plan.steps_per_round
 
 
 def test_physical_chunks_cover_the_batch_once_and_trim_padding(sst2):

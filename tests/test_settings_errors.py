@@ -9,7 +9,7 @@ from sepal.config import ConfigError, RunConfig, check_declared_keys
 from sepal.model import ModelError, resolve_device
 from sepal.secagg.config import SecAggConfig
 from server.validation import ValidationConfig
-from simulations.run import _app_defaults
+from simulations.run import app_defaults
 from strategies import StrategyConfig
 
 CASES = [
@@ -55,5 +55,5 @@ def test_a_node_device_outside_auto_cpu_cuda_is_refused():
 def test_a_key_flower_would_refuse_is_named_with_the_closest_setting():
     with pytest.raises(ConfigError, match=r"'num-server-round' \(did you mean "
                                           r"'num-server-rounds'\?\)"):
-        check_declared_keys({"num-server-round": 3, "seed": 1}, _app_defaults())
-    check_declared_keys({"num-server-rounds": 3}, _app_defaults())
+        check_declared_keys({"num-server-round": 3, "seed": 1}, app_defaults())
+    check_declared_keys({"num-server-rounds": 3}, app_defaults())

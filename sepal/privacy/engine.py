@@ -311,7 +311,6 @@ class ClientPrivacy:
         if len(private_loader) != self.plan.batches_per_epoch:
             raise ValueError(f"privacy plan made for {self.plan.num_examples} examples, but the "
                              f"loader holds {len(loader.dataset)}")
-        steps_before = self.steps_taken
         model.train()  # Opacus validates the mode; from_pretrained returns eval mode
         per_group = self.policy.head_clip_share > 0
         wrapped = engine.make_private(
@@ -328,9 +327,6 @@ class ClientPrivacy:
             yield dp_optimizer, (criterion[0] if criterion else None), dp_loader
         finally:
             hooks.cleanup()
-            for _ in range(self.plan.steps_per_round - (self.steps_taken - steps_before)):
-                self.accountant.step(noise_multiplier=self.noise_multiplier,
-                                     sample_rate=dp_loader.sample_rate)
 
 
 MAX_NOISE_MULTIPLIER = 1e6

@@ -33,7 +33,7 @@ import tomllib
 from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -66,10 +66,19 @@ class SitePolicy:
     min(n - 1, ceil(c log2 n)) for the n clients announced at setup.
     """
 
-    secagg_identity: str = ""
-    secagg_roster: str = ""
-    secagg_min_threshold: float = DEFAULT_MIN_THRESHOLD
-    secagg_min_neighbour_factor: float = DEFAULT_NEIGHBOUR_FACTOR
+    CONFIG_SOURCE: ClassVar[str] = "node config"
+
+    secagg_identity: str = dataclasses.field(default="", metadata={
+        "help": "This institution's secure-aggregation signing key (written by sepal-provision)."})
+    secagg_roster: str = dataclasses.field(default="", metadata={
+        "help": "The roster of every institution's verification key, pinned at this site."})
+    secagg_min_threshold: float = dataclasses.field(default=DEFAULT_MIN_THRESHOLD, metadata={
+        "help": "The smallest threshold fraction t / neighbourhood size this site accepts "
+                "(above 1/2)."})
+    secagg_min_neighbour_factor: float = dataclasses.field(
+        default=DEFAULT_NEIGHBOUR_FACTOR, metadata={
+            "help": "c: the smallest neighbourhood this site accepts is min(n - 1, "
+                    "ceil(c log2 n)) for the n clients announced at setup."})
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:

@@ -33,12 +33,14 @@ from simulations.run import PROJECT_ROOT
 
 # name -> run-config settings on top of LoRA (r 8, query/value), AdamW, DP-SGD at ε = 8
 SETTINGS: dict[str, dict] = {
-    "lora-adamw-1e-3-head-5e-2": {"learning-rate": 1e-3, "head-learning-rate": 5e-2},
-    "lora-adamw-1e-3-head-5e-2-split-clip-0.25": {
-        "learning-rate": 1e-3, "head-learning-rate": 5e-2, "dp-head-clip-share": 0.25},
     "lora-adamw-5e-4-head-5e-3": {"learning-rate": 5e-4, "head-learning-rate": 5e-3},
     "lora-sgd-0.1": {"optimizer": "sgd", "learning-rate": 0.1},
     "head-adamw-5e-2": {"trainable": "head", "lora": False, "learning-rate": 5e-2},
+    "lora-adamw-2e-3-head-5e-2": {"learning-rate": 2e-3, "head-learning-rate": 5e-2},
+    "lora-adamw-5e-4-head-5e-2": {"learning-rate": 5e-4, "head-learning-rate": 5e-2},
+    "lora-adamw-1e-3-head-5e-2": {"learning-rate": 1e-3, "head-learning-rate": 5e-2},
+    "lora-adamw-1e-3-head-5e-2-split-clip-0.25": {
+        "learning-rate": 1e-3, "head-learning-rate": 5e-2, "dp-head-clip-share": 0.25},
     "lora-adamw-5e-4-head-5e-3-no-dp": {"learning-rate": 5e-4, "head-learning-rate": 5e-3,
                                         "dp-sgd": False, "batch-size": 32},
 }

@@ -178,7 +178,11 @@ def partition(split: TextSplit, num_partitions: int, partition_id: int, method: 
     partitioner.dataset = HFDataset.from_dict(
         {"row": np.arange(len(split)), "label": split.labels}
     )
-    rows = partitioner.load_partition(partition_id)["row"]
+    try:
+        rows = partitioner.load_partition(partition_id)["row"]
+    except ValueError as err:  # flwr-datasets: e.g. more partitions than examples
+        raise DataError(f"partition {partition_id} of {num_partitions} ({method}) of "
+                        f"{split.source}: {err}") from err
     if len(rows) == 0:
         raise DataError(f"partition {partition_id} of {num_partitions} ({method}"
                         + (f", dirichlet-alpha {alpha}" if method == "dirichlet" else "")

@@ -155,10 +155,9 @@ def test_a_site_listing_the_labels_in_another_order_is_refused(tmp_path):
 
 
 def test_an_empty_dirichlet_partition_is_a_clear_error(tmp_path):
-    rows = b"text,label\n" + b"".join(b"t%d,%d\n" % (i, i % 2) for i in range(6))
+    rows = b"text,label\n" + b"".join(b"t%d,%d\n" % (i, i % 2) for i in range(40))
     split = load_split(str(write_folder(tmp_path / "d", rows, labels=None)), "train")
-    with pytest.raises(DataError, match=r"partition \d+ of 20 \(dirichlet, dirichlet-alpha "
-                                        r"0\.01\) of .* is empty"):
+    with pytest.raises(DataError, match=r"partition \d+ of 20 \(dirichlet"):
         for partition_id in range(20):
             partition(split, 20, partition_id, "dirichlet", 0.01, seed=0)
 

@@ -53,11 +53,12 @@ def train(msg: Message, context: Context) -> Message:
         for name, local in training.local_weights().items()
     )
     update = apply_test_attack(update, TestAttack.from_mapping(context.run_config), node)
-    rounding = Rounding.of_upload(sum(v.size for v in update.values()),
-                                  str(config.get("upload-codec", "dense")),
-                                  SecAggConfig.from_mapping(context.run_config))
-    clip_metrics = clip_update(update, config,
-                               UserLevelDPSettings.from_run_config(context.run_config), rounding)
+    user_dp = UserLevelDPSettings.from_run_config(context.run_config)
+    rounding = (Rounding.of_upload(sum(v.size for v in update.values()),
+                                   str(config.get("upload-codec", "dense")),
+                                   SecAggConfig.from_mapping(context.run_config))
+                if user_dp.enabled and user_dp.client_side else Rounding())
+    clip_metrics = clip_update(update, config, user_dp, rounding)
 
     codec = build_codec(str(config.get("upload-codec", "dense")))
     state = context.state.get(CODEC_STATE_KEY) if CODEC_STATE_KEY in context.state else None

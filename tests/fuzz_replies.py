@@ -47,6 +47,7 @@ from sepal.codecs.lossless import LZMA_MEMLIMIT
 from server.uploads import decode_replies
 
 MEMORY_FACTOR = 4
+FIXED_ALLOWANCE = 1 << 20  # interpreter one-time costs (first log record, caches), any model
 # The largest tensor dominates, as BERT's word embeddings do.
 GLOBAL = OrderedDict([
     ("embeddings.word_embeddings.weight", np.full((1000, 32), 0.02, np.float32)),
@@ -279,19 +280,21 @@ class Outcome:
 
 
 def memory_limit(content: RecordDict) -> int:
-    """``MEMORY_FACTOR`` x the model, plus the lzma decoder's capped dictionary when the
-    reply asks for lzma (a fixed cost, whatever the model)."""
+    """``MEMORY_FACTOR`` x the model plus a fixed allowance, plus the lzma decoder's capped
+    dictionary when the reply asks for lzma (fixed costs, whatever the model)."""
     params = content.get(wire.CODEC_KEY)
     lzma = isinstance(params, ConfigRecord) and params.get("lossless") == "lzma"
-    return MEMORY_FACTOR * MODEL_BYTES + (LZMA_MEMLIMIT if lzma else 0)
+    return MEMORY_FACTOR * MODEL_BYTES + FIXED_ALLOWANCE + (LZMA_MEMLIMIT if lzma else 0)
 
 
 def check_round(chain: str, content: RecordDict) -> Outcome:
     """Decode the mutated reply alone (memory), then a round with two honest replies."""
-    tracemalloc.start()
+    decode_replies([as_reply(HONEST_NODES[0], reply_content(HONEST_NODES[0], chain))], GLOBAL)
+    reply = as_reply(FUZZED_NODE, content)  # the received message is not the decoder's cost
+    tracemalloc.start()  # after a warm-up decode: one-time imports and caches are not the reply's
     try:
         tracemalloc.reset_peak()
-        alone = decode_replies([as_reply(FUZZED_NODE, content)], GLOBAL)
+        alone = decode_replies([reply], GLOBAL)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

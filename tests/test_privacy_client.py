@@ -334,7 +334,7 @@ def test_server_start_up_rejects_delta_and_budget_no_client_can_meet():
     ({}, {"dp-max-epsilon": 0.05, "dp-state-dir": "{tmp}"},
      "'dp-max-epsilon' 0.05 is below the ε of the noisy example count alone"),
     ({"dp-delta": 0.05}, {}, "'dp-delta' 0.05 must be below 1/n = 0.0125"),
-    ({}, {"dp-max-epsilon": "lots"}, "node config 'dp-max-epsilon' must be a number"),
+    ({}, {"dp-max-epsilon": "lots"}, "node config 'dp-max-epsilon' must be a finite number"),
     ({}, {"dp-max-epsilon": 4.0}, "node config 'dp-max-epsilon' 4 is a lifetime cap"),
     ({"dp-sgd": False}, {"dp-force": True}, "node config 'dp-force' needs this site's own"),
 ])

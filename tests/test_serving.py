@@ -239,7 +239,7 @@ def test_service_answers_rejects_bad_requests_stays_up_and_stops(service, run_di
     assert process.wait(timeout=60) == -signal.SIGTERM  # uvicorn re-raises it once shut down
     assert "Application shutdown complete" in process.stderr.read().decode()
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{client.base_url}health", timeout=5)
+        httpx.get(str(client.base_url.join("/health")), timeout=5)
 
 
 def test_service_without_a_run_exits_naming_the_outputs_folder(tmp_path, capsys):

@@ -153,7 +153,7 @@ def test_simulate_refuses_bad_settings_before_starting_the_federation(setting, e
 def test_simulate_has_a_version_and_help_with_defaults():
     version = _simulate("--version", timeout=120)
     assert version.returncode == 0 and re.match(r"sepal \S+ \(flwr 1\.42", version.stdout)
-    usage = _simulate("--help", timeout=120).stdout
+    usage = " ".join(_simulate("--help", timeout=120).stdout.split())  # unwrap argparse lines
     assert re.search(r"\(default: \S*default\.toml\)", usage) and "no limit" in usage
     assert "(default: None)" not in usage and "``" not in usage
     for option in ("--config", "--set", "--num-supernodes", "--timeout", "--version"):

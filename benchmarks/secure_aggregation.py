@@ -109,7 +109,8 @@ def run_sepal(params: int, clients: int, update, config: SecAggConfig, folder: P
     total = CLOCK() - started
     if result.aborted or len(result.contributors) != clients:
         raise RuntimeError(f"Sepal round failed: {result.aborted}")
-    expected = np.concatenate([u.ravel() for u in update.values()])
+    expected = np.clip(np.concatenate([u.ravel() for u in update.values()]),
+                       -config.secagg_clip, config.secagg_clip)  # clients clip to [-c, c]
     step = config.secagg_clip / (2 ** (config.secagg_value_bits - 1) - 1)
     if np.abs(result.mean_update - expected).max() > 2 * step:
         raise RuntimeError("Sepal round returned a wrong aggregate")

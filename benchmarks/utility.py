@@ -25,11 +25,16 @@ import platform
 import statistics
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from simulations.run import PROJECT_ROOT, app_defaults, last_round, run_federated
+from simulations.run import (
+    PROJECT_ROOT,
+    centralized_baseline,
+    last_round,
+    load_experiment,
+    run_federated,
+)
 
 PRESET = PROJECT_ROOT / "simulations" / "configs" / "private.toml"
 NON_PRIVATE = {"dp-sgd": False, "secure-aggregation": False, "learning-rate": 5e-4,
@@ -44,10 +49,11 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def preset_run_config(dataset: str, train_examples: int, test_split: str) -> dict[str, Any]:
-    with PRESET.open("rb") as handle:
-        experiment = tomllib.load(handle)
-    config = dict(experiment["run-config"])
+def preset_run_config(dataset: str, train_examples: int, test_split: str,
+                      overrides: list[str]) -> dict[str, Any]:
+    """The private preset's run config with ``--set`` overrides, as ``sepal-simulate``
+    reads it, on ``dataset``."""
+    config = load_experiment(PRESET, overrides)["run-config"]
     config.update({"dataset": str(Path(dataset).resolve()), "test-split": test_split,
                    "max-train-examples": train_examples})
     return config
@@ -60,7 +66,7 @@ def run_row(row: str, base: dict[str, Any], sites: int, seed: int, output: Path)
               "min-available-nodes": sites}
     started = time.time()
     if row == "a":
-        folder = _centralized(config, output)
+        folder = centralized_baseline(config, output / config["run-name"])
     else:
         folder = run_federated(config, sites, Path(tempfile.mkdtemp(prefix="sepal-utility-")),
                                {"num-cpus": 1}, timeout=6 * 3600)
@@ -76,18 +82,6 @@ def run_row(row: str, base: dict[str, Any], sites: int, seed: int, output: Path)
         "max_epsilon": max(epsilons.values()) if epsilons else None,
         "wall_s": wall, "folder": str(folder),
     }
-
-
-def _centralized(config: dict[str, Any], output: Path) -> Path:
-    from sepal.config import RunConfig
-    from sepal.lora import LoraSettings
-    from simulations.centralized import run_centralized
-
-    settings = {**app_defaults(), **config}
-    lora = LoraSettings.from_run_config(settings)
-    result = run_centralized(RunConfig.from_mapping(settings), output / settings["run-name"],
-                             lora if lora.lora else None)
-    return result.folder
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -130,14 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run-config override for every row (repeatable, TOML values)")
     parser.add_argument("--output-dir", type=Path, default=PROJECT_ROOT / "outputs" / "utility")
     args = parser.parse_args(argv)
-    base = preset_run_config(args.dataset, args.train_examples, args.test_split)
+    base = preset_run_config(args.dataset, args.train_examples, args.test_split, args.set)
     if args.model:
         base["model"] = args.model
     if args.rounds:
         base["num-server-rounds"] = args.rounds
-    for item in args.set:
-        key, _, value = item.partition("=")
-        base[key.strip()] = tomllib.loads(f"v = {value}")["v"]
     results = []
     results_file = args.output_dir / f"utility-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ centralized fine-tuning with the same number of passes.
 from __future__ import annotations
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from sepal.config import RunConfig
 
@@ -46,36 +47,20 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 
 
 class LearningRateSchedule:
-    """Sets each parameter group's rate for the run-wide step ``t`` (see module docstring)."""
+    """The run-wide rate factor at step ``t`` (see module docstring)."""
 
     def __init__(self, kind: str, total_steps: int, first_step: int = 0):
         self.kind = kind
         self.total_steps = max(int(total_steps), 1)
         self.step = int(first_step)
 
-    def factor(self) -> float:
+    def factor(self, step: int | None = None) -> float:
         if self.kind == "constant":
             return 1.0
-        return max(0.0, 1.0 - self.step / self.total_steps)
+        return max(0.0, 1.0 - (self.step if step is None else step) / self.total_steps)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> ScheduleStepper:
-        return ScheduleStepper(self, optimizer)
-
-
-class ScheduleStepper:
-    """The schedule bound to one optimizer: ``advance()`` once per logical step."""
-
-    def __init__(self, schedule: LearningRateSchedule, optimizer: torch.optim.Optimizer):
-        self.schedule = schedule
-        self.optimizer = optimizer
-        self.base_rates = [group["lr"] for group in optimizer.param_groups]
-        self._apply()
-
-    def advance(self) -> None:
-        self.schedule.step += 1
-        self._apply()
-
-    def _apply(self) -> None:
-        factor = self.schedule.factor()
-        for group, base in zip(self.optimizer.param_groups, self.base_rates):
-            group["lr"] = base * factor
+    def attach(self, optimizer: torch.optim.Optimizer) -> LambdaLR:
+        """torch's LambdaLR over every parameter group, starting at this schedule's step;
+        ``step()`` it once per logical batch."""
+        first = self.step
+        return LambdaLR(optimizer, lambda local_step: self.factor(first + local_step))

@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from opacus.optimizers import DPOptimizer
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
-from sepal.optim import ScheduleStepper
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 
@@ -32,6 +33,7 @@ class ClassScores:
     recall: float
     f1: float
     support: int
+    predicted: int = 0
 
 
 @dataclasses.dataclass
@@ -49,8 +51,9 @@ class EvalStats:
         return min(recalls) if recalls else float("nan")
 
     def per_class_by_name(self, label_names: list[str]) -> dict[str, dict[str, float]]:
-        return {name: dataclasses.asdict(scores)
-                for name, scores in zip(label_names, self.per_class)}
+        return {name: {"precision": round(c.precision, 6), "recall": round(c.recall, 6),
+                       "f1": round(c.f1, 6), "support": c.support}
+                for name, c in zip(label_names, self.per_class)}
 
 
 def progress_enabled() -> bool:
@@ -72,7 +75,7 @@ def train_epochs(
     criterion: Callable | None = None,
     description: str = "train",
     physical_batch_size: int = 0,
-    schedule: ScheduleStepper | None = None,
+    schedule: LRScheduler | None = None,
 ) -> TrainStats:
     """Run ``epochs`` passes, one optimizer step per (logical) batch of ``loader``.
 
@@ -94,7 +97,9 @@ def train_epochs(
             size = batch["labels"].numel()
             if size == 0:  # Poisson sampling can draw an empty batch
                 if schedule is not None:
-                    schedule.advance()
+                    with warnings.catch_warnings():  # a step the optimizer rightly skipped
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                        schedule.step()
                 continue
             chunks = physical_chunks(batch, physical_batch_size)
             optimizer.zero_grad(set_to_none=True)
@@ -118,13 +123,16 @@ def train_epochs(
                 seen += labels.numel()
             steps += 1
             if schedule is not None:
-                schedule.advance()
+                schedule.step()
     return TrainStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, steps)
 
 
 def physical_chunks(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     """``batch`` in chunks of at most ``size`` examples (0 = one chunk), each sorted by
-    length and trimmed to its longest example, which the attention mask makes exact."""
+    length and trimmed to its longest example, which the attention mask makes exact.
+
+    Not Opacus' ``BatchMemoryManager``: that one wraps only a DP optimizer's loader (the
+    non-private path needs the same chunks) and does not trim each chunk's padding."""
     count = batch["labels"].numel()
     if size <= 0 or count <= size:
         return [batch]
@@ -153,12 +161,13 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
         targets.append(labels.cpu().numpy())
     predicted = np.concatenate(predictions)
     actual = np.concatenate(targets)
+    per_class = per_class_scores(actual, predicted, num_labels)
     return EvalStats(
         loss=total_loss / len(actual),
         accuracy=float((predicted == actual).mean()),
-        macro_f1=macro_f1(actual, predicted, num_labels),
+        macro_f1=macro_f1(per_class),
         examples=len(actual),
-        per_class=per_class_scores(actual, predicted, num_labels),
+        per_class=per_class,
     )
 
 
@@ -169,16 +178,9 @@ def evaluation_record(stats: EvalStats, label_names: list[str]) -> dict:
             "per_class": stats.per_class_by_name(label_names)}
 
 
-def macro_f1(actual: np.ndarray, predicted: np.ndarray, num_labels: int) -> float:
-    """Unweighted mean of per-class F1 over classes present in ``actual`` or ``predicted``."""
-    scores = []
-    for label in range(num_labels):
-        true_pos = np.sum((predicted == label) & (actual == label))
-        false_pos = np.sum((predicted == label) & (actual != label))
-        false_neg = np.sum((predicted != label) & (actual == label))
-        if true_pos + false_pos + false_neg == 0:
-            continue
-        scores.append(2 * true_pos / (2 * true_pos + false_pos + false_neg))
+def macro_f1(per_class: list[ClassScores]) -> float:
+    """Unweighted mean of per-class F1 over classes present in the labels or predictions."""
+    scores = [c.f1 for c in per_class if c.support or c.predicted]
     return float(np.mean(scores)) if scores else 0.0
 
 
@@ -193,5 +195,5 @@ def per_class_scores(actual: np.ndarray, predicted: np.ndarray,
         precision = true_pos / predicted_pos if predicted_pos else 0.0
         recall = true_pos / support if support else 0.0
         f1 = 2 * true_pos / (predicted_pos + support) if predicted_pos + support else 0.0
-        scores.append(ClassScores(round(precision, 6), round(recall, 6), round(f1, 6), support))
+        scores.append(ClassScores(precision, recall, f1, support, predicted_pos))
     return scores

@@ -249,16 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("federated", num_supernodes, last_round(folder), folder)]
 
     if args.centralized_baseline or experiment.get("baseline", {}).get("centralized", False):
-        from sepal.config import RunConfig
-        from simulations.centralized import run_centralized
-
-        from sepal.lora import LoraSettings
-        settings = {**app_defaults(), **run_config}
-        cfg = RunConfig.from_mapping(settings)
-        lora = LoraSettings.from_run_config(settings)
-        central = run_centralized(cfg, folder.parent / f"{folder.name}-centralized",
-                                  lora if lora.lora else None)
-        rows.append(("centralized", 1, last_round(central.folder), central.folder))
+        central = centralized_baseline(run_config, folder.parent / f"{folder.name}-centralized")
+        rows.append(("centralized", 1, last_round(central), central))
 
     print(f"\n| mode | clients | rounds | accuracy | macro-F1 | loss | outputs |")
     print("|---|---|---|---|---|---|---|")
@@ -282,6 +274,19 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
         if action.default in (None, False, []):
             return action.help
         return super()._get_help_string(action)
+
+
+def centralized_baseline(run_config: dict[str, Any], folder: Path) -> Path:
+    """Train the centralized baseline of ``run_config`` (LoRA when the run uses it) into
+    ``folder``; returns that folder."""
+    from sepal.config import RunConfig
+    from sepal.lora import LoraSettings
+    from simulations.centralized import run_centralized
+
+    settings = {**app_defaults(), **run_config}
+    lora = LoraSettings.from_run_config(settings)
+    return run_centralized(RunConfig.from_mapping(settings), folder,
+                           lora if lora.lora else None).folder
 
 
 def app_defaults(app_dir: Path = PROJECT_ROOT) -> dict[str, Any]:

@@ -152,7 +152,7 @@ def test_the_linear_schedule_decays_across_rounds_not_within_each():
                                        ).attach(optimizer)
         for _ in range(steps_per_round):
             rates.append([g["lr"] for g in optimizer.param_groups])
-            stepper.advance()
+            stepper.step()
     body = [r[0] for r in rates]
     assert body[0] == pytest.approx(1e-2)
     assert body[steps_per_round] == pytest.approx(1e-2 * (1 - 10 / 30))

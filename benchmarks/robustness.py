@@ -5,34 +5,32 @@
         [--test-examples 300] [--model minilm]
         [--strategies fedavg fedmedian krum fedtrimmedavg]
         [--attacks none scale:100 sign-flip:10] [--with-validation]
-        [--runtime simulation|in-process]
 
 Every run uses the same seeded IID split of ``--train-examples`` SST-2 sentences over
 ``--clients`` simulated clients, the same rounds and the same evaluation (the first
-``--test-examples`` of the dev set, seeded). Partitions ``0 .. attackers-1`` switch on
-the test-only attack (``test-attack``): ``scale:S`` uploads ``S x update`` (a boosted
-update), ``sign-flip:S`` uploads ``-S x update``; ``none`` is the clean baseline, run
-for FedAvg only (``--clean-for-all`` runs it for every strategy). The server's norm
-check (``validation-norm-multiple``) is off, so the table compares the aggregators
+``--test-examples`` of the dev set, seeded). Partitions ``0 .. attackers-1`` attack
+(``testing.attacks``: their uploads are rewritten on the way to the server): ``scale:S``
+uploads ``S x update`` (a boosted update), ``sign-flip:S`` uploads ``-S x update``;
+``none`` is the clean baseline, run for FedAvg only (``--clean-for-all`` runs it for
+every strategy). The server's norm check (``validation-norm-multiple``) is off, so the table compares the aggregators
 alone; ``--with-validation`` adds FedAvg with the check on. Every round samples all
 clients and aggregates when at least the ``clients - attackers`` honest ones sent valid
 updates (``min-train-nodes``), so rejecting the attackers does not skip the round.
 Krum and MultiKrum are told the number of attackers (``num-malicious-nodes``), the
-trimmed mean cuts that fraction from each end (``beta``). ``--runtime in-process``
-serves the same ServerApp and ClientApp code without Ray (``simulations/inprocess.py``),
-for a machine too busy for Ray to start; the aggregation and the training are the same.
+trimmed mean cuts that fraction from each end (``beta``). The ServerApp and the
+ClientApps run in this process (``testing.grid``), the clients one after the other.
 Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
-from simulations.inprocess import app_run_config, run_in_process
-from simulations.run import last_round, run_federated
+from simulations.run import last_round
+from testing.attacks import poisoned, scaled
+from testing.grid import app_run_config, run_in_process
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SST2 = PROJECT_ROOT.parent / "shared" / "data" / "sst2"
@@ -70,7 +68,6 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=["none", "scale:100", "sign-flip:10"])
     parser.add_argument("--with-validation", action="store_true")
     parser.add_argument("--clean-for-all", action="store_true")
-    parser.add_argument("--runtime", choices=["simulation", "in-process"], default="simulation")
     parser.add_argument("--output-dir", type=Path,
                         default=PROJECT_ROOT / "outputs" / "benchmarks" / "robustness")
     args = parser.parse_args()
@@ -93,8 +90,9 @@ def main() -> None:
     results: dict[tuple[str, str, str], tuple[dict, float]] = {}
     attacks = [parse_attack(spec) for spec in args.attacks]
     for attack, factor in attacks:
-        spec = "" if attack == "none" else ",".join(
-            f"{p}:{attack}" for p in range(args.attackers))
+        tamper = {} if attack == "none" else {
+            p: poisoned(scaled(factor if attack == "scale" else -factor))
+            for p in range(args.attackers)}
         for name, validation in settings:
             if attack == "none" and (name, validation) != ("fedavg", "off") and \
                     not args.clean_for_all:
@@ -102,23 +100,17 @@ def main() -> None:
             started = time.time()
             config = {**base, "strategy": name,
                       "strategy-params": strategy_params(name, args.clients, args.attackers),
-                      "test-attack": spec, "test-attack-scale": factor,
                       "run-name": f"{stamp}-{attack}-{name}-validation-{validation[:2]}"}
             if validation != "off":
                 config["validation-norm-multiple"] = 10.0
-            if args.runtime == "simulation":
-                folder = run_federated(config, args.clients,
-                                       Path(tempfile.mkdtemp(prefix="sepal-robust-")),
-                                       {"num-cpus": 1})
-            else:
-                folder, _ = run_in_process(app_run_config(config), args.clients)
+            folder, _ = run_in_process(app_run_config(config), args.clients, tamper)
             results[(attack, name, validation)] = (last_round(folder), time.time() - started)
             record = results[(attack, name, validation)][0]
             print(f"{attack:9s} {name:14s} validation {validation:10s} accuracy "
                   f"{record['accuracy']:.4f}  ({time.time() - started:.0f} s)", flush=True)
 
     columns = [LABELS[attack].format(s=f"{factor:g}") for attack, factor in attacks]
-    print(f"\nSST-2, {args.model}, {args.runtime}, {args.clients} clients "
+    print(f"\nSST-2, {args.model}, in-process, {args.clients} clients "
           f"({args.attackers} attacking), IID "
           f"{args.train_examples} train sentences, {args.rounds} rounds x {args.local_epochs} "
           f"local epochs, lr {args.learning_rate}, "

@@ -4,7 +4,7 @@
         [--value-bits 16] [--authenticated both] [--flower-max-work 0] [--repeats 1]
 
 What is measured: one round of the protocol run in this process through
-``simulations.loopback.LoopbackGrid`` (no Ray, no SuperLink): the real server code
+``testing.grid.InProcessGrid`` (no Ray, no SuperLink): the real server code
 (Sepal's ``SecureAggregation``) and the real client code (Sepal's ClientApp
 handlers), all clients one after the other on one core. Each client is an
 institution with its own Ed25519 identity and the federation's roster in its node
@@ -58,7 +58,7 @@ from sepal.secagg import graph
 from sepal.secagg.config import SecAggConfig
 from sepal.secagg.identity import issue_identities, keys_statement, new_signing_key
 from server.secure_aggregation import SecureAggregation
-from simulations.loopback import LoopbackGrid
+from testing.grid import InProcessGrid
 
 TENSORS = 8
 CLOCK = time.process_time
@@ -72,7 +72,7 @@ def model_update(params: int) -> OrderedDict[str, np.ndarray]:
                        for i, size in enumerate(sizes))
 
 
-def timing(grid: LoopbackGrid, total: float, clients: int) -> dict[str, float]:
+def timing(grid: InProcessGrid, total: float, clients: int) -> dict[str, float]:
     wire_s = sum(e.wire_seconds for e in grid.exchanges)
     client_s = sum(sum(e.client_seconds.values()) for e in grid.exchanges)
     slowest = sum(max(e.client_seconds.values(), default=0.0) for e in grid.exchanges)
@@ -97,8 +97,8 @@ def run_sepal(params: int, clients: int, update, config: SecAggConfig, folder: P
         sites = {n: issued[f"site-{n}"] for n in nodes}
     run_config = {"secure-aggregation": True, **{k.replace("_", "-"): v
                                                for k, v in vars(config).items()}}
-    grid = LoopbackGrid(app, nodes, run_config, clock=CLOCK,
-                        node_config=lambda node: sites.get(node, {}))
+    grid = InProcessGrid(app, {node: sites.get(node, {}) for node in nodes}, run_config,
+                         clock=CLOCK)
     zeros = wire.arrays_to_record(OrderedDict((k, np.zeros_like(v)) for k, v in update.items()))
     messages = [Message(RecordDict({wire.ARRAYS_KEY: zeros,
                                     wire.CONFIG_KEY: ConfigRecord({"server-round": 1})}),
@@ -139,7 +139,7 @@ def run_flower(params: int, clients: int, update, shares: int, threshold: int) -
 
     app = ClientApp(client_fn=lambda context: BenchClient().to_client(), mods=[secaggplus_mod])
     nodes = list(range(1, clients + 1))
-    grid = LoopbackGrid(app, nodes, {}, clock=CLOCK)
+    grid = InProcessGrid(app, {node: {} for node in nodes}, {}, clock=CLOCK)
     strategy = LegacyFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=clients,
                             min_available_clients=clients)
     context = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),

@@ -9,8 +9,6 @@ from collections import OrderedDict
 import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from client.attack import TestAttack, apply_test_attack
-from client.debug_delay import slow_down_for_tests
 from client.local_training import LocalTraining
 from sepal import logs, wire
 from sepal.codecs import build_codec
@@ -37,7 +35,6 @@ def train(msg: Message, context: Context) -> Message:
     global_weights = receive_global(msg.content, context.state)
     label_names = list(config["label-names"])
     server_round = int(config["server-round"])
-    slow_down_for_tests(context.node_config, server_round, msg.metadata.created_at)
 
     try:
         privacy = ClientPrivacy.for_node(
@@ -52,7 +49,6 @@ def train(msg: Message, context: Context) -> Message:
         (name, (local - global_weights[name]).astype(np.float32))
         for name, local in training.local_weights().items()
     )
-    update = apply_test_attack(update, TestAttack.from_mapping(context.run_config), node)
     user_dp = UserLevelDPSettings.from_run_config(context.run_config)
     rounding = (Rounding.of_upload(sum(v.size for v in update.values()),
                                    str(config.get("upload-codec", "dense")),

@@ -115,13 +115,14 @@ class LocalDeployment(ProcessGroup):
             raise RuntimeError(f"registering the institutions failed:\n{output[-3000:]}")
         return output
 
-    def start_institution(self, name: str, *extra_args: str,
-                          process_name: str | None = None) -> subprocess.Popen:
-        """Start institution ``name``'s SuperNode with its own ``start-supernode.sh``."""
+    def start_institution(self, name: str, *extra_args: str, process_name: str | None = None,
+                          extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start institution ``name``'s SuperNode with its own ``start-supernode.sh``;
+        ``extra_env`` adds to the environment of that SuperNode and its ClientApps."""
         script = self.federation / "institutions" / name / "start-supernode.sh"
         return self.start(process_name or name,
                           ["bash", str(script), "--port", str(free_port()), *extra_args],
-                          env=self.env, cwd=self.app_dir)
+                          env={**self.env, **(extra_env or {})}, cwd=self.app_dir)
 
     def start_supernode(self, name: str, node_config: dict[str, Any] | None = None,
                         extra_args: tuple[str, ...] = ()) -> subprocess.Popen:

@@ -1,18 +1,11 @@
-"""The in-process runner (simulations/inprocess.py) with the smallest run that trains."""
+"""The in-process runner (testing/grid.py) with the smallest run that trains."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from simulations.inprocess import (  # noqa: F401  (re-exported for the tests)
-    PROJECT_ROOT,
-    InProcessGrid,
-    Tamper,
-    app_run_config,
-    run_in_process,
-    server_context,
-)
+from testing.grid import Hook, InProcessGrid, app_run_config, run_in_process
 from tests.conftest import SST2
 
 # tiny BERT, 16 SST-2 sentences per node (one batch)
@@ -28,7 +21,7 @@ TINY_INPROCESS = {
 
 
 def run_inprocess(tmp_path: Path, overrides: dict[str, Any], num_nodes: int = 3,
-                  tamper: dict[int, Tamper] | None = None,
+                  tamper: dict[int, Hook] | None = None,
                   name: str = "run") -> tuple[Path, InProcessGrid]:
     """Run ``server.app.serve`` against ``num_nodes`` in-process ClientApps."""
     run_config = app_run_config({

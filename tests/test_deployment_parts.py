@@ -1,4 +1,4 @@
-"""The deployment's log helpers and test switch, on real certificates and records."""
+"""The deployment's log helpers, on real certificates and records."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import time
 from collections import OrderedDict
 
 import numpy as np
-import pytest
 from flwr.app import Metadata
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from client.debug_delay import DebugDelay
 from client.supernode import ConnectionFailureReasons
-from sepal.config import ConfigError, parse_section
 from server import pki
 from server.progress import round_line
 from server.provision import FederationSpec, provision
@@ -46,15 +43,6 @@ def test_supernode_explains_a_plaintext_refusal():
     assert "is the SuperLink running" in reasons.hint("[Errno 111] Connection refused")
     assert ConnectionFailureReasons(insecure=False).hint(
         "Server disconnected without sending a response.") == "retrying"
-
-
-def test_debug_delay_is_off_unless_set_and_checked():
-    assert not parse_section(DebugDelay, {}).applies(1)
-    delay = parse_section(DebugDelay, {"debug-delay-s": 2.5, "debug-delay-round": 2})
-    assert delay.applies(2) and not delay.applies(1)
-    assert parse_section(DebugDelay, {"debug-delay-s": 1}).applies(7)
-    with pytest.raises(ConfigError, match="debug-delay-s"):
-        parse_section(DebugDelay, {"debug-delay-s": -1})
 
 
 def test_round_line_has_counts_accuracy_epsilon_bytes_and_seconds():

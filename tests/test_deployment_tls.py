@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from server.provision import FederationSpec, provision
 from simulations.deployment import LocalDeployment
 from simulations.processes import free_port
 from tests.conftest import PROJECT_ROOT, TINY_RUN, read_metrics
+from tests.held_client_app import HOLD_REPLY_S, HOLD_ROUND
 
 INSTITUTIONS = ("alpha", "beta", "gamma")
 ROWS_PER_INSTITUTION = 40
@@ -49,6 +51,21 @@ def _write_site(folder: Path, rows: list[list[str]]) -> None:
         writer.writerow(["text", "label"])
         writer.writerows(rows)
     (folder / "label_names.json").write_text('["negative", "positive"]')
+
+
+def _app_with_held_replies(tmp_path: Path) -> Path:
+    """This project as a Flower app whose ClientApp is ``tests.held_client_app``'s."""
+    app_dir = tmp_path / "app"
+    for folder in ("sepal", "client", "server", "strategies", "tests"):
+        shutil.copytree(PROJECT_ROOT / folder, app_dir / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "README.md", app_dir)
+    pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
+    component = 'clientapp = "client.app:app"'
+    assert component in pyproject
+    (app_dir / "pyproject.toml").write_text(
+        pyproject.replace(component, 'clientapp = "tests.held_client_app:app"'))
+    return app_dir
 
 
 def _federation(tmp_path: Path, name: str, institutions: dict[str, dict]) -> Path:
@@ -90,7 +107,8 @@ def _wait_for_count(deployment: LocalDeployment, name: str, text: str, count: in
 def test_three_institutions_with_tls_and_node_auth_survive_a_crash_and_a_slow_node(
         tmp_path, sst2):
     """One 3-round run: round 1 all three; round 2 gamma is killed mid-round and beta is
-    too slow (test-only delay); round 3 gamma has rejoined and beta's late reply is dropped."""
+    too slow (its ClientApp holds the reply); round 3 gamma has rejoined and beta's late
+    reply is dropped."""
     with (sst2 / "train_sentences.csv").open(newline="") as handle:
         rows = list(csv.reader(handle))[1:]
     institutions = {}
@@ -101,17 +119,18 @@ def test_three_institutions_with_tls_and_node_auth_survive_a_crash_and_a_slow_no
         institutions[name] = {"data-path": str(tmp_path / "data" / name), "device": "cpu",
                               "dp-max-epsilon": 0.0}
     timeout = _round_timeout()
-    institutions["beta"].update({"debug-delay-s": timeout + 5, "debug-delay-round": 2})
     federation = _federation(tmp_path, "trio", institutions)
+    held = {"beta": {HOLD_REPLY_S: str(timeout + 5), HOLD_ROUND: "2"}}
 
     config = {**TINY_RUN, "num-server-rounds": 3, "min-train-nodes": 1,
               "min-available-nodes": 3, "round-timeout": timeout,
               "output-dir": str(tmp_path / "outputs"), "run-name": "trio"}
-    with LocalDeployment(tmp_path / "deployment", federation=federation) as deployment:
+    with LocalDeployment(tmp_path / "deployment", app_dir=_app_with_held_replies(tmp_path),
+                         federation=federation) as deployment:
         deployment.start_superlink()
         deployment.register_institutions()
         for name in INSTITUTIONS:
-            deployment.start_institution(name)
+            deployment.start_institution(name, extra_env=held.get(name))
         run, folder = deployment.submit(config)
 
         # progress is on disk while the run goes on

@@ -1,6 +1,6 @@
 """SecAgg+ rounds: the real server workflow and client handlers, real cryptography.
 
-Messages travel through ``LoopbackGrid`` (in-process, every content serialized to
+Messages travel through ``testing.grid.InProcessGrid`` (every content serialized to
 Flower's protobuf and back); the clients' "training" returns fixed random updates
 through the dense codec so that the plaintext sum is known exactly.
 """
@@ -61,7 +61,7 @@ from server.secure_aggregation import (
     check_strategy,
     check_user_dp,
 )
-from simulations.loopback import LoopbackGrid
+from testing.grid import InProcessGrid
 
 SHAPES = {"encoder.weight": (40, 25), "encoder.bias": (25,), "head": (3, 5)}
 STAGES = (SETUP, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK)
@@ -94,8 +94,7 @@ class Federation5:
             self.site_config[node].update(site_config or {})
         app = ClientApp()
         register_secure_aggregation(app, self._train)
-        self.grid = LoopbackGrid(app, self.nodes, self.run_config,
-                                 node_config=lambda node: self.site_config[node])
+        self.grid = InProcessGrid(app, self.site_config, self.run_config)
         self.delivered: list[tuple[str, int]] = []
         self.grid.on_instruction = self._record
 

@@ -1,9 +1,9 @@
 """Secure aggregation against an actively malicious server and malicious clients.
 
 Each test is one attack driven through the real server workflow and the real client
-handlers (``LoopbackGrid``, real cryptography): the server's deviations are edits of
-what it sends (``on_instruction``), a malicious client's are edits of what it uploads
-(``on_reply``). Every attack must fail with a reason that names what was refused,
+handlers (``testing.grid.InProcessGrid``, real cryptography): the server's deviations
+are edits of what it sends (``on_instruction``), a malicious client's are edits of what
+it uploads (``on_reply``). Every attack must fail with a reason that names what was refused,
 while the honest part of the round still aggregates where it can.
 """
 

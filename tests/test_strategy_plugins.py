@@ -31,15 +31,9 @@ from strategies.compatibility import (
     check_composition,
 )
 from strategies.config import parse_params
-from tests.conftest import read_metrics
-from tests.inprocess_grid import (
-    PROJECT_ROOT,
-    TINY_INPROCESS,
-    InProcessGrid,
-    app_run_config,
-    run_inprocess,
-    server_context,
-)
+from testing.grid import app_run_config, sepal_grid, server_context
+from tests.conftest import PROJECT_ROOT, read_metrics
+from tests.inprocess_grid import TINY_INPROCESS, run_inprocess
 
 EXAMPLE_PLUGIN = PROJECT_ROOT / "examples" / "sepal-strategy-example"
 COMMON = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 2,
@@ -118,7 +112,7 @@ def test_unsound_combination_stops_the_server_at_start_up(tmp_path, sst2):
     run_config = {**app_run_config({**TINY_INPROCESS, "dataset": str(sst2), "strategy": "krum",
                                     "output-dir": str(tmp_path), "run-name": "unsound"}),
                   "user-dp": "server-fixed"}  # a key the central-DP section owns
-    grid = InProcessGrid(run_config, 2, keep_messages=True)
+    grid = sepal_grid(run_config, 2, keep_messages=True)
     with pytest.raises(CompositionError, match="central-dp cannot wrap strategy 'krum'"):
         serve(grid, server_context(run_config))
     assert grid.sent == [] and not (tmp_path / "unsound").exists()

@@ -16,6 +16,7 @@ from sepal.config import ConfigError
 from server.checkpoint import read_checkpoint
 from server.uploads import decode_replies
 from server.validation import UpdateValidator, ValidationConfig
+from testing.attacks import not_a_number, poisoned, scaled
 from tests.conftest import read_metrics
 from tests.inprocess_grid import run_inprocess
 
@@ -139,18 +140,9 @@ def test_norm_bound_uses_the_clip_bound_when_given_else_the_median_of_three_or_m
 
 
 def test_round_goes_on_without_bad_clients_and_repeat_offenders_are_counted(tmp_path, sst2):
-    def nan_upload(reply):
-        update = wire.record_to_arrays(reply.content[wire.UPDATE_KEY])
-        name = next(iter(update))
-        update[name] = update[name].copy()
-        update[name].flat[0] = np.nan
-        reply.content[wire.UPDATE_KEY] = wire.arrays_to_record(update)
-        return reply
-
-    # partition 2 uploads NaN, partition 3 a boosted update (the client-side test attack)
-    folder, grid = run_inprocess(
-        tmp_path, {"test-attack": "3:scale", "test-attack-scale": 1000.0}, num_nodes=4,
-        tamper={2: nan_upload})
+    # partition 2 uploads NaN, partition 3 a boosted update
+    folder, grid = run_inprocess(tmp_path, {}, num_nodes=4, tamper={
+        2: poisoned(not_a_number), 3: poisoned(scaled(1000.0))})
 
     nan_node, boosted_node = str(grid.node_of(2)), str(grid.node_of(3))
     rounds = read_metrics(folder)[1:]

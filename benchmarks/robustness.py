@@ -12,8 +12,8 @@ Every run uses the same seeded IID split of ``--train-examples`` SST-2 sentences
 (``testing.attacks``: their uploads are rewritten on the way to the server): ``scale:S``
 uploads ``S x update`` (a boosted update), ``sign-flip:S`` uploads ``-S x update``;
 ``none`` is the clean baseline, run for FedAvg only (``--clean-for-all`` runs it for
-every strategy). The server's norm check (``validation-norm-multiple``) is off, so the table compares the aggregators
-alone; ``--with-validation`` adds FedAvg with the check on. Every round samples all
+every strategy). The server's norm check (``validation-norm-multiple``) is off, so the
+table compares the aggregators alone; ``--with-validation`` adds FedAvg with the check on. Every round samples all
 clients and aggregates when at least the ``clients - attackers`` honest ones sent valid
 updates (``min-train-nodes``), so rejecting the attackers does not skip the round.
 Krum and MultiKrum are told the number of attackers (``num-malicious-nodes``), the

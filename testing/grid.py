@@ -101,7 +101,7 @@ class InProcessGrid(Grid):
         self.exchanges: list[Exchange] = []
         self.bytes_up: dict[int, int] = {}
         self.bytes_down: dict[int, int] = {}
-        self._pending: dict[str, tuple[Message | None, Exchange]] = {}  # id -> (delivered, batch)
+        self._pending: dict[str, tuple[Message, Exchange]] = {}  # id -> (instruction, its push)
         self._run = Run.create_empty(run_id)
         # what Flower's ServerApp runtime sets in its process before the app runs
         TaskIdentity.task_id, TaskIdentity.run_id = 1, run_id
@@ -141,12 +141,14 @@ class InProcessGrid(Grid):
                 log.error("instruction refused: %s", defect)
                 continue
             message_id = message.metadata.message_id
+            ids.append(message_id)
             if self.on_instruction is not None:
                 message = self.on_instruction(message)
-            if message is not None and self.keep_messages:
+            if message is None:  # lost on the way: never answered
+                continue
+            if self.keep_messages:
                 self.sent.append(message)
             self._pending[message_id] = (message, exchange)
-            ids.append(message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -156,11 +158,7 @@ class InProcessGrid(Grid):
             wanted.reverse()
         replies = []
         for message_id in wanted:
-            message, exchange = self._pending[message_id]
-            if message is None:  # lost on the way: never answered
-                continue
-            del self._pending[message_id]
-            reply = self._deliver(message, exchange)
+            reply = self._deliver(*self._pending.pop(message_id))
             if self.on_reply is not None:
                 reply = self.on_reply(reply)
             if reply is None:

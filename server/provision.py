@@ -1,5 +1,8 @@
 """``sepal-provision federation.toml --out DIR``: keys, certificates and commands for a federation.
 
+Written here: Flower has no provisioning tool; keys and certificates come from
+``cryptography`` (``server/pki.py``), TOML from ``tomli-w``.
+
 The description names the federation, the address the institutions dial and the
 institutions (see docs/deployment.md)::
 

@@ -48,7 +48,6 @@ from sepal.secagg.protocol import (
     SHARE_KEYS,
     SHARES_KEY,
     UNMASK,
-    UNMASK_KEY,
     message_type,
 )
 from sepal.privacy import UserLevelDPSettings

@@ -1,5 +1,8 @@
 """Update codecs: how a client's update (local - global) travels, and the global model back.
 
+Written here: Flower ships no update compression, and no maintained library encodes sparse
+or quantized updates as Flower records with the checks untrusted uploads need.
+
 A codec turns ``{name: float32 array}`` into an ArrayRecord payload plus the
 ConfigRecord of parameters needed to decode it, and back. Decoding checks the
 payload against the model's parameter shapes and raises :class:`UploadError`

@@ -78,7 +78,7 @@ def serve(grid: Grid, context: Context) -> Path:
     )
     strategy = wrap_with_user_level_dp(
         strategy, UserLevelDPSettings.from_run_config(context.run_config), grid, cfg)
-    make_federation = federation_class(context.run_config, strategy)  # refuses bad combinations
+    make_federation = federation_class(context.run_config)
     validator = UpdateValidator(ValidationConfig.from_mapping(context.run_config))
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
     checkpoint_settings = CheckpointConfig.from_mapping(context.run_config)

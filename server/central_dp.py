@@ -33,16 +33,13 @@ any other strategy the wrappers still clip and add noise but ε is reported as N
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, PrivacyConfig, RdpAccountant
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
-    DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
     FedAvg,
     Strategy,
@@ -59,34 +56,9 @@ from sepal.config import ConfigError, RunConfig, require
 from sepal.privacy.config import UserLevelDPSettings
 from sepal.privacy.user_level import Rounding
 from sepal.secagg.config import SecAggConfig
+from server.flower_patches import ClientSideAdaptiveClipping, ServerSideAdaptiveClipping
 
 log = logging.getLogger("sepal.server")
-
-
-class _ClipNormTowardsTargetQuantile:
-    """Flower 1.42's adaptive wrappers feed the fraction of *clipped* updates into Andrew
-    et al.'s update ``C <- C exp(-lr (b - gamma))``, whose ``b`` is the fraction *not*
-    clipped: with most updates clipped the norm shrinks further and diverges to 0. This
-    applies the rule with Flower's meaning of ``target_clipped_quantile`` (the share of
-    updates that should be clipped): ``C <- C exp(lr (clipped - target))``."""
-
-    clipping_norm: float
-    clip_norm_lr: float
-    target_clipped_quantile: float
-
-    def _geometric_update(self, clipped_fraction: float) -> None:
-        self.clipping_norm *= math.exp(
-            self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
-
-
-class ServerSideAdaptiveClipping(_ClipNormTowardsTargetQuantile,
-                                 DifferentialPrivacyServerSideAdaptiveClipping):
-    """Flower's server-side adaptive clipping with the norm moving the right way."""
-
-
-class ClientSideAdaptiveClipping(_ClipNormTowardsTargetQuantile,
-                                 DifferentialPrivacyClientSideAdaptiveClipping):
-    """Flower's client-side adaptive clipping with the norm moving the right way."""
 
 
 class UserLevelDP(Strategy):

@@ -15,10 +15,13 @@ File layout, so that a torn or truncated file is detected rather than half-read:
 
     b"SEPALCK1" | payload length (8 bytes, big-endian) | SHA-256 of payload | payload
 
-The payload is an ``.npz`` archive written and read without pickle: a JSON
-description (``state``) plus the arrays it refers to. A file is written to a
-temporary name, fsynced, then renamed over the final name (``os.replace`` is
-atomic), so a crash leaves either the old file or the new one, never a mix.
+The payload is a safetensors buffer: every array (the model, strategy moments, RNG
+state vectors) is a tensor, and its ``__metadata__`` holds ``state``, a JSON
+description of everything else that refers to those tensors by name (safetensors has
+no checksum, hence the SHA-256 around it). Nothing is ever unpickled. A file is
+written to a temporary name, fsynced, then renamed over the final name
+(``os.replace`` is atomic), so a crash leaves either the old file or the new one,
+never a mix.
 
 Checkpoints are server-private: besides the un-noised strategy state they hold the
 server's RNG state, from which central-DP noise drawn with it could be recomputed. So
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -41,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 import torch
+from safetensors import SafetensorError
 
 from sepal.config import RunConfig, parse_section, require
 from sepal.privacy.ledger import PrivacyLedger
@@ -247,35 +251,45 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 def _serialize(checkpoint: Checkpoint) -> bytes:
     arrays: list[np.ndarray] = []
     fields = {f.name: getattr(checkpoint, f.name) for f in dataclasses.fields(checkpoint)}
-    state = _pack({"format": FORMAT_VERSION, **fields}, arrays)
-    buffer = io.BytesIO()
-    np.savez(buffer, state=np.frombuffer(json.dumps(state).encode(), dtype=np.uint8),
-             **{f"a{i}": array for i, array in enumerate(arrays)})
-    return buffer.getvalue()
+    state = _pack(fields, arrays)
+    try:
+        return safetensors.numpy.save(
+            {f"a{i}": np.ascontiguousarray(array) for i, array in enumerate(arrays)},
+            metadata={"format": str(FORMAT_VERSION), "state": json.dumps(state)})
+    except SafetensorError as err:
+        raise CheckpointError(f"cannot save the checkpoint's arrays: {err}") from err
 
 
 def _deserialize(payload: bytes) -> Checkpoint:
     try:
-        with np.load(io.BytesIO(payload), allow_pickle=False) as archive:
-            state = json.loads(archive["state"].tobytes())
-            arrays = {name: archive[name] for name in archive.files if name != "state"}
-    except (ValueError, KeyError, OSError) as err:
+        arrays = {name: array.copy() for name, array in safetensors.numpy.load(payload).items()}
+        metadata = _safetensors_metadata(payload)
+        if metadata.get("format") != str(FORMAT_VERSION):
+            raise CheckpointError("written by an incompatible version of Sepal")
+        state = json.loads(metadata["state"])
+    except (SafetensorError, ValueError, KeyError) as err:
         raise CheckpointError(f"unreadable payload: {err}") from err
     values = _unpack(state, arrays)
-    if values.pop("format") != FORMAT_VERSION:
-        raise CheckpointError("written by an incompatible version of Sepal")
     values["weights"] = OrderedDict(values["weights"])
     return Checkpoint(**values)
 
 
+def _safetensors_metadata(payload: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors buffer, which ``safetensors.numpy.load`` does
+    not return: the buffer starts with the header's length (8 bytes, little-endian),
+    then the header, a JSON object."""
+    length = int.from_bytes(payload[:8], "little")
+    return json.loads(payload[8:8 + length]).get("__metadata__") or {}
+
+
 def _pack(value: Any, arrays: list[np.ndarray]) -> Any:
-    """JSON-able tree; arrays go to ``arrays`` (referenced by index), tuples and dicts
+    """JSON-able tree; arrays go to ``arrays`` (referenced by tensor name), tuples and dicts
     are tagged so that they come back as tuples and (ordered, any-key) dicts."""
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise CheckpointError("cannot save an object array (it would need pickle)")
         arrays.append(value)
-        return {"$array": len(arrays) - 1}
+        return {"$array": f"a{len(arrays) - 1}"}
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, tuple):
@@ -294,7 +308,7 @@ def _unpack(value: Any, arrays: Mapping[str, np.ndarray]) -> Any:
         return [_unpack(v, arrays) for v in value]
     if isinstance(value, dict):
         if "$array" in value:
-            return arrays[f"a{value['$array']}"]
+            return arrays[value["$array"]]
         if "$tuple" in value:
             return tuple(_unpack(v, arrays) for v in value["$tuple"])
         return {key: _unpack(v, arrays) for key, v in value["$dict"]}

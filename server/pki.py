@@ -1,5 +1,8 @@
 """The federation's keys and certificates, made with ``cryptography``.
 
+Flower ships no certificate tooling (its examples call openssl from shell scripts), so
+the certificate profile Flower's TLS and SuperNode authentication need is set here.
+
 Three kinds of material, all EC P-384:
 
 - a CA (self-signed, path length 0) that signs only the SuperLink's certificate;

@@ -1,5 +1,8 @@
 """``sepal-provision federation.toml --out DIR``: keys, certificates and commands for a federation.
 
+Written here: Flower has no provisioning tool; keys and certificates come from
+``cryptography`` (``server/pki.py``), TOML from ``tomli-w``.
+
 The description names the federation, the address the institutions dial and the
 institutions (see docs/deployment.md)::
 
@@ -46,6 +49,8 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from sepal.secagg.identity import (
     IDENTITY_FILE,
@@ -316,12 +321,10 @@ def _write_operator_files(spec: FederationSpec, operator: Path) -> None:
     flwr_home = operator / "flwr-home"
     flwr_home.mkdir(exist_ok=True)
     address = f"127.0.0.1:{spec.superlink_port}"
-    _write_public(flwr_home / "config.toml", (
-        "[superlink]\n"
-        f'default = "{spec.name}"\n\n'
-        f"[superlink.{spec.name}]\n"
-        f'address = "{address}"\n'
-        f'root-certificates = "{operator / "ca.pem"}"\n').encode())
+    _write_public(flwr_home / "config.toml", tomli_w.dumps({"superlink": {
+        "default": spec.name,
+        spec.name: {"address": address, "root-certificates": str(operator / "ca.pem")},
+    }}).encode())
     _write_script(operator / "start-superlink.sh",
                   f"SuperLink of federation {spec.name}: TLS, only registered SuperNodes, state "
                   "in superlink-state.db, no runtime dependency installation.",
@@ -368,36 +371,26 @@ def _write_script(path: Path, comment: str, command: list[str]) -> None:
 
 
 def _node_config_toml(spec: FederationSpec, institution: Institution, folder: Path) -> str:
+    values = dict(institution.node_config)
+    if "secagg-identity" not in values:
+        values["secagg-identity"] = str(folder / IDENTITY_FILE)
+        values["secagg-roster"] = str(folder / ROSTER_FILE)
     lines = [f"# Node config of {institution.name} in federation {spec.name}.",
              "# Read by flower-supernode --node-config; the ClientApp sees these keys."]
-    for key, value in institution.node_config.items():
+    for key, value in values.items():
         if key in NODE_CONFIG_COMMENTS:
             lines.append(f"# {NODE_CONFIG_COMMENTS[key]}")
-        lines.append(f"{key} = {_toml_scalar(value)}")
-    if "secagg-identity" not in institution.node_config:
-        lines.append(f"# {NODE_CONFIG_COMMENTS['secagg-identity']}")
-        lines.append(f"secagg-identity = {_toml_scalar(str(folder / IDENTITY_FILE))}")
-        lines.append(f"secagg-roster = {_toml_scalar(str(folder / ROSTER_FILE))}")
+        lines.append(tomli_w.dumps({key: value}).rstrip("\n"))
     return "\n".join(lines) + "\n"
 
 
 def _spec_toml(spec: FederationSpec) -> str:
-    lines = [f'name = "{spec.name}"', f'superlink = "{spec.superlink}"',
-             "hosts = [" + ", ".join(f'"{h}"' for h in spec.hosts) + "]",
-             f'listen-host = "{spec.listen_host}"', f"cert-days = {spec.cert_days}",
-             f"ca-days = {spec.ca_days}"]
-    for institution in spec.institutions:
-        lines += ["", f"[institutions.{institution.name}]"]
-        lines += [f"{k} = {_toml_scalar(v)}" for k, v in institution.node_config.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return tomli_w.dumps({
+        "name": spec.name, "superlink": spec.superlink, "hosts": list(spec.hosts),
+        "listen-host": spec.listen_host, "cert-days": spec.cert_days, "ca-days": spec.ca_days,
+        "institutions": {institution.name: dict(institution.node_config)
+                         for institution in spec.institutions},
+    })
 
 
 def _node_config(table: Any, where: str, fail) -> dict[str, Any]:

@@ -45,26 +45,12 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    Bulyan,
-    DifferentialPrivacyServerSideAdaptiveClipping,
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAvg,
-    FedMedian,
-    FedTrimmedAvg,
-    MultiKrum,
-    QFedAvg,
-    Strategy,
-)
 
 from sepal import wire
-from sepal.codecs import parse_chain
-from sepal.config import ConfigError
 from sepal.privacy import UserLevelDPSettings
 from sepal.privacy.refusal import Refusal, read_reply_privacy
 from sepal.secagg import graph, shamir
@@ -107,62 +93,6 @@ from server.federation import Federation
 from server.uploads import DecodedRound
 
 log = logging.getLogger("sepal.server")
-
-# Strategies whose aggregation reads individual updates: they cannot run on a secure sum.
-NEEDS_INDIVIDUAL_UPDATES = (FedMedian, FedTrimmedAvg, MultiKrum, Bulyan, QFedAvg,
-                            DifferentialPrivacyServerSideFixedClipping,
-                            DifferentialPrivacyServerSideAdaptiveClipping)
-
-
-def check_strategy(strategy: Strategy) -> None:
-    """Refuse a strategy that cannot aggregate one pre-summed reply.
-
-    A strategy (or a plug-in) may declare ``secure_aggregation_compatible``; otherwise
-    wrappers are unwrapped through ``.strategy`` / ``.wrapped`` and the innermost must be
-    FedAvg-shaped (a weighted mean of ``arrays``) and not one of ``NEEDS_INDIVIDUAL_UPDATES``.
-    """
-    current: Any = strategy
-    while True:
-        declared = getattr(current, "secure_aggregation_compatible", None)
-        if declared is not None:
-            ok = bool(declared)
-            break
-        if isinstance(current, NEEDS_INDIVIDUAL_UPDATES):
-            ok = False
-            break
-        inner = getattr(current, "strategy", None) or getattr(current, "wrapped", None)
-        if isinstance(inner, Strategy):
-            current = inner
-            continue
-        ok = isinstance(current, FedAvg)
-        break
-    if not ok:
-        raise ConfigError(
-            f"run config 'secure-aggregation' = true cannot be used with strategy "
-            f"{type(current).__name__}: it needs the individual client updates, and secure "
-            "aggregation reveals only their sum. Use a FedAvg-style strategy (FedAvg, FedAvgM, "
-            "FedProx, FedAdam, FedYogi) or turn secure aggregation off")
-
-
-def check_codec(spec: str) -> None:
-    """Refuse codecs whose upload is sparse per client: masking would densify it."""
-    if parse_chain(spec).topk > 0:
-        raise ConfigError(
-            f"run config 'upload-codec' = {spec!r} cannot be combined with "
-            "'secure-aggregation': each client picks its own coordinates, and a masked "
-            "vector must cover every coordinate, so top-k would lose all its savings. Use a "
-            "dense or quantizing codec")
-
-
-def check_user_dp(settings: UserLevelDPSettings) -> None:
-    """Adaptive clipping needs each client's clipped bit, which a secure sum hides."""
-    if settings.enabled and settings.adaptive:
-        raise ConfigError(
-            f"run config 'user-dp' = {settings.user_dp!r} cannot be combined with "
-            "'secure-aggregation': adaptive clipping counts the clients whose update was "
-            "clipped from each reply, and secure aggregation sends one summed reply. Use "
-            "'client-fixed' (its noise goes on the unmasked mean)")
-
 
 @dataclasses.dataclass
 class SecureRound:
@@ -612,8 +542,6 @@ class SecureFederation(Federation):
         super().__init__(*args, **kwargs)
         self.secagg = secagg
         self.user_dp = user_dp
-        check_strategy(self.strategy)
-        check_codec(str(self.train_config.get("upload-codec", "dense")))
 
     def collect_updates(self, messages: list[Message],
                         weights: OrderedDict[str, np.ndarray]) -> DecodedRound:
@@ -691,12 +619,10 @@ def _split(flat: np.ndarray, like: OrderedDict[str, np.ndarray]) -> OrderedDict[
     return parts
 
 
-def federation_class(run_config, strategy: Strategy):
+def federation_class(run_config):
     """Federation, or SecureFederation bound to its settings when ``secure-aggregation``."""
     secagg = SecAggConfig.from_mapping(run_config)
     if not secagg.enabled:
         return Federation
-    check_strategy(strategy)
     user_dp = UserLevelDPSettings.from_run_config(run_config)
-    check_user_dp(user_dp)
     return functools.partial(SecureFederation, secagg=secagg, user_dp=user_dp.enabled)

@@ -3,23 +3,19 @@
 Flower serves every SuperLink API from one uvicorn/asyncio HTTPS server, and asyncio
 drops a failed TLS handshake silently unless the whole event loop runs in debug
 mode. An operator then cannot see that a SuperNode was turned away for speaking
-plaintext or for distrusting the certificate. The SSL module's public hook
-``SSLContext.sslobject_class`` lets us observe each server-side handshake and log
-the reason OpenSSL gives (the client's TLS alert), without touching Flower.
+plaintext or for distrusting the certificate, so the SuperLink's TLS contexts log
+each refused handshake with the reason OpenSSL gives (the client's TLS alert).
 
 It also says at start-up when the SuperLink's own certificate has expired or is about
 to, since SuperNodes then refuse it and the SuperLink would otherwise not know why.
 
-And it lets the ``--database`` state wait longer for SQLite locks. Flower sets
-``busy_timeout`` to 5 s, after which a request fails with "database is locked"; on a
-busy host that can drop the ServerApp's heartbeat and Flower then fails the run ("No
-heartbeat received from the task"). Waiting up to 30 s costs nothing when the host is idle.
+And it lets the ``--database`` state wait longer for SQLite locks than Flower's 5 s.
+Both changes to Flower's behaviour live in ``server/flower_patches.py``.
 """
 
 from __future__ import annotations
 
 import datetime
-import ssl
 import sys
 from logging import ERROR, WARNING
 from pathlib import Path
@@ -27,49 +23,13 @@ from pathlib import Path
 from cryptography import x509
 from flwr.common.logger import log
 
+from server.flower_patches import (
+    SQLITE_BUSY_TIMEOUT_MS,
+    log_refused_handshakes,
+    wait_longer_for_database_locks,
+)
+
 EXPIRY_WARNING_DAYS = 30
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-# OpenSSL reason -> what it means for a SuperLink
-HANDSHAKE_REASONS = {
-    "HTTP_REQUEST": "the client spoke plaintext HTTP to this TLS port (SuperNode started "
-                    "with --insecure?)",
-    "WRONG_VERSION_NUMBER": "the client did not speak TLS (plaintext connection?)",
-    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust this SuperLink's certificate: its "
-                              "--root-certificates is another CA",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client rejected this SuperLink's certificate as "
-                                       "expired",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected this SuperLink's certificate (host name "
-                                   "not in its SANs?)",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client rejected this SuperLink's certificate",
-}
-
-
-class LoggedHandshake(ssl.SSLObject):
-    """An ``SSLObject`` that logs why a server-side handshake failed, then fails as before."""
-
-    def do_handshake(self) -> None:
-        try:
-            super().do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise  # waiting for the peer: part of every non-blocking handshake
-        except ssl.SSLError as err:
-            if self.server_side:
-                log(WARNING, "TLS handshake refused: %s [%s]",
-                    HANDSHAKE_REASONS.get(err.reason or "", "see the reason"), err.reason)
-            raise
-
-
-def log_refused_handshakes() -> None:
-    ssl.SSLContext.sslobject_class = LoggedHandshake
-
-
-def wait_longer_for_database_locks() -> None:
-    from flwr.supercore import sql_mixin
-
-    sql_mixin.SQLITE_PRAGMAS = tuple(
-        (name, str(SQLITE_BUSY_TIMEOUT_MS) if name == "busy_timeout" else value)
-        for name, value in sql_mixin.SQLITE_PRAGMAS)
 
 
 def check_certificate_expiry(argv: list[str], now: datetime.datetime | None = None) -> None:

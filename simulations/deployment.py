@@ -45,17 +45,16 @@ class LocalDeployment(ProcessGroup):
     ``register_institutions()``, ``start_institution(name)`` for each, ``run(cfg)``.
     """
 
-    def __init__(self, workdir: Path, app_dir: Path = PROJECT_ROOT,
-                 federation: Path | None = None):
+    def __init__(self, workdir: Path, federation: Path | None = None):
         super().__init__(workdir / "logs")
         self.workdir = workdir
-        self.app_dir = app_dir
+        self.app_dir = PROJECT_ROOT
         self.federation = federation
         self.flwr_home = workdir / "flwr-home"
         self.env = flower_env(self.flwr_home, {
             "PATH": str(self._entry_point_shims()) + os.pathsep + os.environ.get("PATH", ""),
             "PYTHONPATH": os.pathsep.join(
-                p for p in (str(app_dir), os.environ.get("PYTHONPATH", "")) if p),
+                p for p in (str(self.app_dir), os.environ.get("PYTHONPATH", "")) if p),
         })
         self.port = self._provisioned_port() if federation else 0
 

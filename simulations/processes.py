@@ -18,6 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+import tomli_w
+
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -126,20 +129,11 @@ def _signal_pid(pid: int, sig: int) -> None:
 
 
 def _descendants(pid: int) -> list[int]:
-    """PIDs of every living descendant of ``pid`` (Linux /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    """PIDs of every living descendant of ``pid``."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def wait_http_health(port: int, process: subprocess.Popen, timeout: float = 300.0,
@@ -165,25 +159,17 @@ def write_connection(flwr_home: Path, name: str, address: str, options: dict[str
                      root_certificates: Path | None = None) -> None:
     """A SuperLink connection in ``$FLWR_HOME/config.toml`` (how flwr 1.42 finds one)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]",
-             f'address = "{address}"']
+    connection: dict[str, object] = {"address": address}
     if root_certificates is None:
-        lines.append("insecure = true")
+        connection["insecure"] = True
     else:
-        lines.append(f'root-certificates = "{root_certificates}"')
-    for key, value in options.items():
-        lines.append(f"options.{key} = {_toml_value(value)}")
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        connection["root-certificates"] = str(root_certificates)
+    if options:
+        connection["options"] = dict(options)
+    (flwr_home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": name, name: connection}}))
 
 
 def write_run_config(path: Path, values: dict[str, object]) -> Path:
-    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
+    path.write_text(tomli_w.dumps(values))
     return path

@@ -117,7 +117,7 @@ def check_experiment(run_config: dict[str, Any]) -> None:
 
 
 def run_federated(run_config: dict[str, Any], num_supernodes: int, workdir: Path,
-                  resources: dict[str, float] | None = None, app_dir: Path = PROJECT_ROOT,
+                  resources: dict[str, float] | None = None,
                   timeout: float | None = None, echo: TextIO | None = None) -> Path:
     """Run the app on ``num_supernodes`` simulated sites; return the run's output folder.
 
@@ -127,7 +127,7 @@ def run_federated(run_config: dict[str, Any], num_supernodes: int, workdir: Path
     """
     workdir.mkdir(parents=True, exist_ok=True)
     run_config = dict(run_config)
-    check_declared_keys(run_config, app_defaults(app_dir))  # Flower would not name the key
+    check_declared_keys(run_config, app_defaults())  # Flower would not name the key
     run_config.setdefault("run-name", f"federated-{time.strftime('%Y%m%d-%H%M%S')}")
     run_config["output-dir"] = str(Path(run_config.get("output-dir", "outputs")).resolve())
     flwr_home = workdir / "flwr-home"
@@ -142,13 +142,13 @@ def run_federated(run_config: dict[str, Any], num_supernodes: int, workdir: Path
             "flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1",
             "--port", str(port), "--control-api-address", f"127.0.0.1:{free_port()}",
             "--disable-runtime-dependency-installation",
-        ], env=env, cwd=app_dir)
+        ], env=env, cwd=PROJECT_ROOT)
         wait_http_health(port, superlink, timeout=180.0)
         config_file = write_run_config(workdir / "run-config.toml", run_config)
-        command = ["flwr", "run", str(app_dir), "sepal-sim", "--stream",
+        command = ["flwr", "run", str(PROJECT_ROOT), "sepal-sim", "--stream",
                    "--run-config", str(config_file),
                    "--federation-config", " ".join(federation_config)]
-        returncode, tail = _stream(command, env, app_dir, workdir / "logs" / "flwr-run.log",
+        returncode, tail = _stream(command, env, PROJECT_ROOT, workdir / "logs" / "flwr-run.log",
                                    echo, timeout)
     folder = Path(run_config["output-dir"]) / str(run_config["run-name"])
     if returncode != 0 or not (folder / "model").exists():
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         central = centralized_baseline(run_config, folder.parent / f"{folder.name}-centralized")
         rows.append(("centralized", 1, last_round(central), central))
 
-    print(f"\n| mode | clients | rounds | accuracy | macro-F1 | loss | outputs |")
+    print("\n| mode | clients | rounds | accuracy | macro-F1 | loss | outputs |")
     print("|---|---|---|---|---|---|---|")
     for mode, clients, record, path in rows:
         print(f"| {mode} | {clients} | {record['round']} | {record['accuracy']:.4f} | "
@@ -289,8 +289,8 @@ def centralized_baseline(run_config: dict[str, Any], folder: Path) -> Path:
                            lora if lora.lora else None).folder
 
 
-def app_defaults(app_dir: Path = PROJECT_ROOT) -> dict[str, Any]:
-    with (app_dir / "pyproject.toml").open("rb") as handle:
+def app_defaults() -> dict[str, Any]:
+    with (PROJECT_ROOT / "pyproject.toml").open("rb") as handle:
         return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
 
 

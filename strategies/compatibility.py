@@ -1,17 +1,22 @@
-"""Which wrappers compose soundly with which strategies, checked once at start-up.
+"""What composes with what: the one rule, checked once at start-up.
 
-A strategy declares :class:`StrategyTraits`; a wrapper (compression, secure
-aggregation, central DP, ...) declares what it hides or needs in a :class:`Wrapper`.
-:func:`check_composition` raises :class:`CompositionError` saying why a combination
-is unsound before the first round, instead of a run that silently computes the
-wrong thing.
+A strategy declares :class:`StrategyTraits` (a ``traits`` attribute of its factory);
+everything a run config puts around it declares a :class:`Wrapper`: what it hides from
+the strategy or needs of it. That covers the layers around the strategy (secure
+aggregation, central DP and its server-side or adaptive clipping) and the upload codec
+(top-k uploads are sparse per client). :func:`check_composition` raises
+:class:`CompositionError` naming both parties and why before the first round, instead
+of a run that silently computes the wrong thing.
 
 Rules:
 
 * secure aggregation reveals only the sum of the updates, so nothing that reads a
-  single client's update can run behind it: neither a robust aggregator (median,
+  single client's reply can run behind it: neither a robust aggregator (median,
   trimmed mean, Krum and Bulyan compare updates) nor a wrapper that clips each update
-  on the server;
+  on the server or counts which clients were clipped (adaptive clipping);
+* secure aggregation masks every coordinate of every upload, so an upload codec that
+  lets each client send its own coordinates (top-k) would be densified and lose all
+  its savings;
 * central DP (Flower's ``DifferentialPrivacy*`` wrappers) adds noise of std
   ``noise x clip / n`` to what the inner strategy returns. That is calibrated to the
   sensitivity of a *mean* of clipped updates, so the strategy must aggregate by a
@@ -19,9 +24,9 @@ Rules:
   (FedAvgM's momentum and FedAdam/FedYogi/FedAdagrad's moments are updated *before*
   the wrapper adds noise and would carry un-noised information into later releases).
 
-A plug-in declares its traits as a ``traits`` attribute of its factory; one that
-declares none is assumed to need individual updates and to be neither a mean nor
-stateless, so it runs alone and under compression but not behind these wrappers.
+A plug-in that declares no traits is assumed to need individual updates and to be
+neither a mean nor stateless, so it runs alone and under compression but not behind
+these wrappers.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from sepal.codecs import parse_chain
 from sepal.config import ConfigError
 
 
@@ -56,22 +62,32 @@ ROBUST = StrategyTraits(True, False, False, "a robust statistic of the individua
 
 @dataclasses.dataclass(frozen=True)
 class Wrapper:
+    """What one layer of the run (around the strategy, or the upload codec) hides or needs."""
+
     name: str
-    hides_individual_updates: bool = False
-    needs_individual_updates: bool = False
-    needs_stateless_mean: bool = False
+    hides_individual_updates: bool = False  # the strategy sees only the sum of the replies
+    reads_individual_replies: str = ""      # what it reads in each client's reply ("" = nothing)
+    needs_stateless_mean: bool = False      # its noise is calibrated to a mean of clipped updates
+    needs_dense_uploads: bool = False       # every upload must cover every coordinate
+    sparse_uploads: bool = False            # each client sends only coordinates it picks
 
 
 COMPRESSION = Wrapper("compression")  # decodes each upload before the strategy: composes with all
-SECURE_AGGREGATION = Wrapper("secure-aggregation", hides_individual_updates=True)
+SECURE_AGGREGATION = Wrapper("secure-aggregation", hides_individual_updates=True,
+                             needs_dense_uploads=True)
 CENTRAL_DP = Wrapper("central-dp", needs_stateless_mean=True)
-SERVER_SIDE_CLIPPING = Wrapper("server-side-clipping", needs_individual_updates=True)
+SERVER_SIDE_CLIPPING = Wrapper("server-side-clipping",
+                               reads_individual_replies="clips each client's update on the server")
+ADAPTIVE_CLIPPING = Wrapper(
+    "adaptive-clipping", reads_individual_replies="counts the clients whose update was clipped, "
+    "one bit per reply, to adapt the clipping norm (use user-dp = 'client-fixed')")
 
 
 def check_composition(strategy: str, traits: StrategyTraits,
                       wrappers: Iterable[Wrapper]) -> None:
+    """Raise CompositionError naming the first unsound pair among the strategy and wrappers."""
     wrappers = list(wrappers)
-    readers = [w for w in wrappers if w.needs_individual_updates]
+    readers = [w for w in wrappers if w.reads_individual_replies]
     for hider in (w for w in wrappers if w.hides_individual_updates):
         if traits.needs_individual_updates:
             raise CompositionError(
@@ -80,8 +96,15 @@ def check_composition(strategy: str, traits: StrategyTraits,
                 "which needs each client's update")
         if readers:
             raise CompositionError(
-                f"{readers[0].name} cannot be combined with {hider.name}: it reads each "
-                f"client's update, and {hider.name} reveals only their sum")
+                f"{readers[0].name} cannot be combined with {hider.name}: it "
+                f"{readers[0].reads_individual_replies}, and {hider.name} reveals only the sum "
+                "of the replies")
+    for masker in (w for w in wrappers if w.needs_dense_uploads):
+        for sparse in (w for w in wrappers if w.sparse_uploads):
+            raise CompositionError(
+                f"{sparse.name} cannot be combined with {masker.name}: each client picks its "
+                f"own coordinates (top-k), and {masker.name} masks every coordinate of every "
+                "upload, so top-k would lose all its savings; use a dense or quantizing codec")
     for wrapper in (w for w in wrappers if w.needs_stateless_mean):
         if not traits.weighted_mean:
             raise CompositionError(
@@ -96,14 +119,24 @@ def check_composition(strategy: str, traits: StrategyTraits,
                 "noise is added, so later rounds would release un-noised information")
 
 
+def aggregates_by_weighted_mean(traits: StrategyTraits, wrappers: Iterable[Wrapper]) -> bool:
+    """Whether the strategy and its wrappers aggregate the replies as a plain weighted mean
+    (each reply's arrays weighted by its example count), so that the replies may be summed
+    as they arrive: the strategy is a weighted mean and no wrapper reads individual replies."""
+    return traits.weighted_mean and not any(w.reads_individual_replies for w in wrappers)
+
+
 def active_wrappers(run_config: Mapping[str, Any]) -> list[Wrapper]:
     """The wrappers a run config switches on.
 
-    Reads the switches other sections own: ``secure-aggregation`` (bool) and
-    ``user-dp`` (``off`` or ``{server,client}-{fixed,adaptive}``); absent keys mean off.
-    Compression is always on (the dense codec is one too) and composes with everything.
+    Reads the switches other sections own: ``secure-aggregation`` (bool), ``user-dp``
+    (``off`` or ``{server,client}-{fixed,adaptive}``) and ``upload-codec`` (a chain);
+    absent keys mean off (dense). Compression is always on (the dense codec is one too).
     """
     wrappers = [COMPRESSION]
+    chain = str(run_config.get("upload-codec", "dense"))
+    if parse_chain(chain).topk > 0:
+        wrappers.append(Wrapper(f"upload-codec {chain!r}", sparse_uploads=True))
     if run_config.get("secure-aggregation", False) is True:
         wrappers.append(SECURE_AGGREGATION)
     user_dp = str(run_config.get("user-dp", "off"))
@@ -111,4 +144,6 @@ def active_wrappers(run_config: Mapping[str, Any]) -> list[Wrapper]:
         wrappers.append(CENTRAL_DP)
         if user_dp.startswith("server"):
             wrappers.append(SERVER_SIDE_CLIPPING)
+        if user_dp.endswith("adaptive"):
+            wrappers.append(ADAPTIVE_CLIPPING)
     return wrappers

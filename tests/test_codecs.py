@@ -17,7 +17,7 @@ from flwr.common.serde import context_to_proto
 
 from sepal.codecs import CompressionConfig, build_codec, decode_upload, parse_chain
 from sepal.codecs.lossless import available_methods
-from sepal.codecs.quantizer import (
+from sepal.codecs.stochastic_quantization import (
     dequantize,
     num_blocks,
     pack_levels,

@@ -73,16 +73,3 @@ def test_a_node_the_superlink_answers_for_is_failed_under_its_own_id():
                              instruction_nodes={"instruction-1": 7})
     assert list(decoded.failed) == [7] and "Node Unavailable" in decoded.failed[7]
     assert not decoded.accepted
-
-
-def test_superlink_state_waits_longer_for_sqlite_locks(tmp_path):
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
-
-    from server.superlink import SQLITE_BUSY_TIMEOUT_MS, wait_longer_for_database_locks
-
-    wait_longer_for_database_locks()
-    state = LinkStateFactory(str(tmp_path / "state.db"), NoOpFederationManager(),
-                             ObjectStoreFactory()).state()
-    assert state.query("PRAGMA busy_timeout") == [{"timeout": SQLITE_BUSY_TIMEOUT_MS}]

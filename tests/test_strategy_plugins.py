@@ -22,6 +22,7 @@ from strategies import (
 )
 from strategies.builtin import FACTORIES
 from strategies.compatibility import (
+    ADAPTIVE_CLIPPING,
     CENTRAL_DP,
     COMPRESSION,
     SECURE_AGGREGATION,
@@ -105,15 +106,21 @@ def test_wrappers_compose_only_where_sound():
                           [SECURE_AGGREGATION, SERVER_SIDE_CLIPPING])
     assert active_wrappers({}) == [COMPRESSION]
     assert active_wrappers({"secure-aggregation": True, "user-dp": "server-adaptive"}) == [
-        COMPRESSION, SECURE_AGGREGATION, CENTRAL_DP, SERVER_SIDE_CLIPPING]
+        COMPRESSION, SECURE_AGGREGATION, CENTRAL_DP, SERVER_SIDE_CLIPPING, ADAPTIVE_CLIPPING]
 
 
-def test_unsound_combination_stops_the_server_at_start_up(tmp_path, sst2):
-    run_config = {**app_run_config({**TINY_INPROCESS, "dataset": str(sst2), "strategy": "krum",
+@pytest.mark.parametrize("unsound, message", [
+    ({"strategy": "krum", "user-dp": "server-fixed"},  # a key the central-DP section owns
+     "central-dp cannot wrap strategy 'krum'"),
+    ({"secure-aggregation": True, "upload-codec": "topk:0.01"},
+     "upload-codec 'topk:0.01' cannot be combined with secure-aggregation"),
+])
+def test_unsound_combination_stops_the_server_at_start_up(tmp_path, sst2, unsound, message):
+    run_config = {**app_run_config({**TINY_INPROCESS, "dataset": str(sst2),
                                     "output-dir": str(tmp_path), "run-name": "unsound"}),
-                  "user-dp": "server-fixed"}  # a key the central-DP section owns
+                  **unsound}
     grid = sepal_grid(run_config, 2, keep_messages=True)
-    with pytest.raises(CompositionError, match="central-dp cannot wrap strategy 'krum'"):
+    with pytest.raises(CompositionError, match=message):
         serve(grid, server_context(run_config))
     assert grid.sent == [] and not (tmp_path / "unsound").exists()
 

@@ -29,7 +29,7 @@ from sepal.codecs.base import Codec, Shapes, param, read_streams
 from sepal.codecs.dense import DenseCodec
 from sepal.codecs.error_feedback import ErrorFeedback
 from sepal.codecs.lossless import METHODS, Lossless, available_methods, decompress_streams
-from sepal.codecs.quantized import QuantizedCodec
+from sepal.codecs.dense_quantized import QuantizedCodec
 from sepal.codecs.topk import SCOPES, TopKCodec
 from sepal.codecs.values import CODEC_BITS, Float32Values, QuantizedValues
 from sepal.config import ConfigError

@@ -161,22 +161,21 @@ def downlink_for(config: CompressionConfig) -> DownlinkBroadcaster | None:
     return DownlinkBroadcaster(build_codec(parse_chain(config.download_codec, "download-codec")))
 
 
-def receive_global(content: RecordDict, state: RecordDict,
-                   arrays_key: str = ARRAYS_KEY) -> OrderedDict[str, np.ndarray]:
+def receive_global(content: RecordDict, state: RecordDict) -> OrderedDict[str, np.ndarray]:
     """Client side: the global model to train from, rebuilt from the train instruction.
 
     Without ``download`` the instruction carries the model itself (dense downlink).
     Otherwise the reference kept in ``state`` is brought up to the sent version.
     """
     if DOWNLOAD_KEY not in content:
-        return record_to_arrays(content[arrays_key])
+        return record_to_arrays(content[ARRAYS_KEY])
     info = content[DOWNLOAD_KEY]
     if info.get("wire-version") != WIRE_VERSION:
         raise DownloadError(f"the server speaks wire-version {info.get('wire-version')!r}, "
                             f"this client {WIRE_VERSION}; upgrade the older peer")
     base = int(info["base"])
     if base < 0:
-        reference = record_to_arrays(content[arrays_key])
+        reference = record_to_arrays(content[ARRAYS_KEY])
     else:
         reference = _held_reference(state, str(info["lineage"]), base)
         shapes = {k: v.shape for k, v in reference.items()}

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from sepal.codecs.base import Params, Streams, param, take_stream
-from sepal.codecs.quantizer import (
+from sepal.codecs.stochastic_quantization import (
     Quantized,
     dequantize,
     num_blocks,

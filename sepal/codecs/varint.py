@@ -1,5 +1,8 @@
 """Sparse indices as delta-encoded LEB128 varints.
 
+Written here: protobuf and the varint packages code one integer per Python call; this
+codes whole index arrays with numpy.
+
 A tensor's kept positions ``i_0 < i_1 < ...`` travel as ``i_0, i_1 - i_0, i_2 - i_1,
 ...``: at density ``p`` the gaps average ``1/p``, so one byte (gap < 128) or two
 (gap < 16384) per index instead of eight for int64. A repeated index shows up as a

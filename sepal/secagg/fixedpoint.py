@@ -1,5 +1,7 @@
 """Fixed-point encoding of clipped, weighted updates in Z_(2^b).
 
+Written here: the encoding is part of the SecAgg+ protocol (no library implements it).
+
 A client clips every coordinate of its update to [-c, c] (clipped coordinates are
 counted, never hidden), scales it by its weight r in [0, 1] and rounds it
 stochastically (unbiased) to an integer multiple of the step c / V, with

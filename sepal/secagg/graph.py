@@ -1,5 +1,7 @@
 """Who shares masks and secrets with whom: the SecAgg+ neighbour graph.
 
+The graph comes from networkx; only the SecAgg+ choice of k and threshold is ours.
+
 Bonawitz et al. (CCS 2017) pair every client with every other: n - 1 masks and
 n shares per client. Bell et al. (CCS 2020, SecAgg+) show that a random k-regular
 graph with k = O(log n) keeps the same guarantees with high probability, so each

@@ -35,6 +35,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
+import tomli_w
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import (
@@ -143,12 +144,10 @@ class Roster:
         return cls(keys)
 
     def to_toml(self, federation: str) -> str:
-        lines = [f"# SecAgg roster of federation {federation}: every institution's Ed25519",
-                 "# verification key. Public; every site pins it (node config secagg-roster).",
-                 "[institutions]"]
-        lines += [f'{name} = "{base64.b64encode(key).decode()}"'
-                  for name, key in sorted(self.keys.items())]
-        return "\n".join(lines) + "\n"
+        return (f"# SecAgg roster of federation {federation}: every institution's Ed25519\n"
+                "# verification key. Public; every site pins it (node config secagg-roster).\n"
+                + tomli_w.dumps({"institutions": {name: base64.b64encode(key).decode()
+                                                  for name, key in sorted(self.keys.items())}}))
 
     def verify(self, node: int, institution: str, signature: bytes, statement: bytes,
                what: str) -> None:

@@ -1,5 +1,8 @@
 """Pack integers of b bits into ceil(n / 8) * b bytes, and back.
 
+Written here: numpy packs only single bits (``np.packbits``) and no maintained library
+packs arbitrary b-bit integers vectorized.
+
 Layout: the vector, zero-padded to 8m values, is cut into eight contiguous lanes
 of m values; value j of each lane forms group j, whose 8 values (lane 0 in the
 lowest bits) make 8b bits = b bytes; byte i of every group is stored contiguously

@@ -1,5 +1,7 @@
 """The messages of one SecAgg+ round and the checks both sides apply to them.
 
+Written here: no maintained Python SecAgg+ implementation runs on Flower's Message API.
+
 Five stages, each one message from the server to every remaining client and one
 reply (message type ``train.<action>``, routed by ``@app.train(action)``):
 

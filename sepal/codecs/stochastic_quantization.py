@@ -1,5 +1,8 @@
 """Stochastic uniform quantization: float arrays to integer levels plus scales, and back.
 
+Written here: torch and numpy offer only deterministic rounding (torch.ao quantization is
+round-to-nearest, hence biased), and an unbiased update needs stochastic rounding.
+
 A vector is cut into blocks of ``block`` consecutive values (one block when
 ``block = 0``). Block ``j`` gets a scale ``s_j`` (its largest magnitude, or a fixed
 scale the caller chooses) and a grid of ``L = 2**bits - 1`` equal steps over

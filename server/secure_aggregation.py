@@ -65,7 +65,7 @@ from flwr.serverapp.strategy import (
 from sepal import wire
 from sepal.codecs import parse_chain
 from sepal.config import ConfigError
-from sepal.privacy import UserLevelDPSettings
+from sepal.privacy import UserLevelDPConfig
 from sepal.privacy.refusal import Refusal, read_reply_privacy
 from sepal.secagg import graph, shamir
 from sepal.secagg.config import SecAggConfig
@@ -154,7 +154,7 @@ def check_codec(spec: str) -> None:
             "dense or quantizing codec")
 
 
-def check_user_dp(settings: UserLevelDPSettings) -> None:
+def check_user_dp(settings: UserLevelDPConfig) -> None:
     """Adaptive clipping needs each client's clipped bit, which a secure sum hides."""
     if settings.enabled and settings.adaptive:
         raise ConfigError(
@@ -691,12 +691,10 @@ def _split(flat: np.ndarray, like: OrderedDict[str, np.ndarray]) -> OrderedDict[
     return parts
 
 
-def federation_class(run_config, strategy: Strategy):
+def federation_class(secagg: SecAggConfig, user_dp: UserLevelDPConfig, strategy: Strategy):
     """Federation, or SecureFederation bound to its settings when ``secure-aggregation``."""
-    secagg = SecAggConfig.from_mapping(run_config)
     if not secagg.enabled:
         return Federation
     check_strategy(strategy)
-    user_dp = UserLevelDPSettings.from_run_config(run_config)
     check_user_dp(user_dp)
     return functools.partial(SecureFederation, secagg=secagg, user_dp=user_dp.enabled)

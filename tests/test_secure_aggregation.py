@@ -51,7 +51,7 @@ from sepal.secagg.protocol import (
     UNMASK_KEY,
     message_type,
 )
-from sepal.privacy import UserLevelDPSettings
+from sepal.privacy import UserLevelDPConfig
 from sepal.privacy.refusal import BUDGET_EXHAUSTED, PrivacyRefusal, Refusal
 from server.central_dp import wrap_with_user_level_dp
 from server.secure_aggregation import (
@@ -350,8 +350,8 @@ def test_per_client_top_k_and_adaptive_user_dp_are_refused():
     check_codec("q8:256,zlib")
     for mode in ("client-adaptive", "server-adaptive"):
         with pytest.raises(ConfigError, match="user-dp.*adaptive clipping counts"):
-            check_user_dp(UserLevelDPSettings.from_run_config({"user-dp": mode}))
-    check_user_dp(UserLevelDPSettings.from_run_config({"user-dp": "client-fixed"}))
+            check_user_dp(UserLevelDPConfig.from_mapping({"user-dp": mode}))
+    check_user_dp(UserLevelDPConfig.from_mapping({"user-dp": "client-fixed"}))
 
 
 def test_privacy_reports_are_forwarded_and_a_refusing_site_counts_as_dropped():
@@ -370,7 +370,7 @@ def test_user_level_dp_noise_goes_on_the_unweighted_secure_mean():
     cfg = RunConfig(min_train_nodes=2, min_available_nodes=6, round_timeout=60)
     strategy = wrap_with_user_level_dp(
         FedAvg(min_available_nodes=6, min_train_nodes=6),
-        UserLevelDPSettings.from_run_config(fed.run_config), fed.grid, cfg)
+        UserLevelDPConfig.from_mapping(fed.run_config), fed.grid, cfg)
     check_strategy(strategy)
     federation = SecureFederation(fed.grid, strategy, cfg, ["negative", "positive"], None, None,
                                   train_config={"upload-codec": "dense"}, secagg=fed.config,

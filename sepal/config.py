@@ -1,8 +1,10 @@
 """Typed view of a run's configuration (``[tool.flwr.app.config]`` + overrides).
 
-Flower hands the ServerApp and ClientApp a flat ``dict`` of TOML scalars; this
-module turns it into a frozen dataclass once, checking every value, so that a
-bad setting stops the run at start-up with the key's name in the message.
+Flower hands the ServerApp and ClientApp a flat ``dict`` of TOML scalars; each
+section of it is a frozen dataclass (this module's ``RunConfig`` is the run's own)
+built by :func:`parse_section`, which checks every value, so that a bad setting stops
+the run at start-up with the key's name in the message. ``sepal.settings`` reads all
+the sections at once.
 """
 
 from __future__ import annotations

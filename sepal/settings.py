@@ -58,12 +58,19 @@ class Settings:
         Raises ConfigError naming every key no section declares, or the first bad value.
         """
         check_known_keys(values)
-        return cls(**{name: section.from_mapping(values) for name, section in _sections().items()})
+        return cls(**{name: section.from_mapping(values)
+                      for name, section in cls.sections().items()})
 
     @staticmethod
-    def keys() -> list[str]:
+    @functools.cache
+    def sections() -> dict[str, type]:
+        """Field name -> section class, in field order."""
+        return typing.get_type_hints(Settings)
+
+    @classmethod
+    def keys(cls) -> list[str]:
         """Every run-config key, in section order."""
-        return [field.name.replace("_", "-") for section in _sections().values()
+        return [field.name.replace("_", "-") for section in cls.sections().values()
                 for field in dataclasses.fields(section)]
 
     def as_dict(self) -> dict[str, Any]:
@@ -87,9 +94,3 @@ def check_known_keys(values: Mapping[str, Any]) -> None:
         raise ConfigError(f"run config: unknown key(s) {', '.join(hints)}; the settings are "
                           "listed in docs/configuration.md ([tool.flwr.app.config] in "
                           "pyproject.toml)")
-
-
-@functools.cache
-def _sections() -> dict[str, type]:
-    """Field name -> section class, in field order."""
-    return typing.get_type_hints(Settings)

@@ -72,8 +72,8 @@ def serve(grid: Grid, context: Context) -> Path:
         },
     )
     strategy = wrap_with_user_level_dp(strategy, settings.user_dp, grid, cfg)
-    make_federation = federation_class(settings.secagg, settings.user_dp,
-                                       strategy)  # refuses bad combinations
+    # refuses the combinations secure aggregation cannot run
+    make_federation = federation_class(settings.secagg, settings.user_dp, strategy)
     validator = UpdateValidator(settings.validation)
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
     with claim_run_folder(Path(cfg.output_dir) / run_name, settings.checkpoint.resume):

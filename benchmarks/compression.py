@@ -69,11 +69,11 @@ def run_config(args: argparse.Namespace) -> dict:
 def real_update(args: argparse.Namespace):
     """One client's update after a round of local training, and its train metrics."""
     from client.local_training import LocalTraining
-    from sepal.config import RunConfig
     from sepal.model import get_weights
+    from sepal.settings import Settings
     from sepal.task import NodeData, build_task_model
 
-    cfg = RunConfig.from_mapping(run_config(args))
+    cfg = Settings.from_mapping(run_config(args)).run
     labels = ["negative", "positive"]
     initial = get_weights(build_task_model(cfg, labels))
     node = NodeData(partition_id=args.codec_client, num_partitions=args.clients)

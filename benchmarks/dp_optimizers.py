@@ -15,13 +15,12 @@ import argparse
 import platform
 import time
 
-from sepal.config import RunConfig
 from sepal.data import make_loader
-from sepal.lora import LoraSettings
 from sepal.model import resolve_device
 from sepal.optim import LearningRateSchedule, build_optimizer
-from sepal.privacy.config import DPSGDSettings, EffectivePrivacy, SitePolicy
+from sepal.privacy.config import EffectivePrivacy, SitePolicy
 from sepal.privacy.engine import ClientPrivacy, LocalPlan
+from sepal.settings import Settings
 from sepal.task import (
     NodeData,
     build_task_model,
@@ -53,14 +52,14 @@ def sweep_one(name: str, examples: int, rounds: int, dataset: str,
                 "lr-schedule": "linear", "batch-size": 128, "physical-batch-size": 32,
                 "dp-sgd": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5,
                 "dp-max-grad-norm": 1.0, **SETTINGS[name]}
-    cfg = RunConfig.from_mapping(settings)
-    run_dp = DPSGDSettings.from_run_config(settings)
+    parsed = Settings.from_mapping(settings)
+    cfg, run_dp = parsed.run, parsed.dp
     device = resolve_device("auto")
     seed_everything(cfg.seed)
     data = tokenized_node_split(cfg, NodeData(partition_id=0, num_partitions=1), "train")
     test = make_loader(tokenized_server_test_split(cfg), 256, False, cfg.seed)
     labels = ["negative", "positive"]
-    model = build_task_model(cfg, labels, LoraSettings.from_run_config(settings)).to(device)
+    model = build_task_model(cfg, labels, parsed.lora).to(device)
     optimizer_ = build_optimizer(model, cfg)
     steps_per_round = -(-len(data) // cfg.batch_size)
     stepper = LearningRateSchedule("linear", rounds * steps_per_round).attach(optimizer_)

@@ -39,9 +39,9 @@ def measure(name: str, steps: int, batch_size: int, seq: int, threads: int) -> d
 
     from sepal.config import RunConfig
     from sepal.data import make_loader
-    from sepal.lora import LoraSettings
+    from sepal.lora import LoraConfig
     from sepal.model import build_model
-    from sepal.privacy import DPSGDSettings, EffectivePrivacy, SitePolicy
+    from sepal.privacy import DPSGDConfig, EffectivePrivacy, SitePolicy
     from sepal.privacy.engine import ClientPrivacy, LocalPlan
     from sepal.task import NodeData, tokenized_node_split
     from sepal.training import train_epochs
@@ -51,10 +51,10 @@ def measure(name: str, steps: int, batch_size: int, seq: int, threads: int) -> d
                     max_train_examples=steps * batch_size, batch_size=batch_size)
     node = NodeData(partition_id=0, num_partitions=1)
     dataset = tokenized_node_split(cfg, node, "train")
-    model = LoraSettings(lora=lora).apply(build_model("minilm", ["negative", "positive"], 0))
+    model = LoraConfig(lora=lora).apply(build_model("minilm", ["negative", "positive"], 0))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5)
-    policy = EffectivePrivacy.combine(DPSGDSettings(dp_sgd=True), SitePolicy(), len(dataset))
+    policy = EffectivePrivacy.combine(DPSGDConfig(dp_sgd=True), SitePolicy(), len(dataset))
     privacy = ClientPrivacy(policy, LocalPlan(len(dataset), batch_size, 1, 1), 1.0)
     warmup = torch.utils.data.Subset(dataset, range(2 * batch_size))
     device = torch.device("cpu")

@@ -16,9 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sepal.config import RunConfig
-from simulations.centralized import run_centralized
-from simulations.run import last_round, run_federated
+from simulations.run import centralized_baseline, last_round, run_federated
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SST2 = PROJECT_ROOT.parent / "shared" / "data" / "sst2"
@@ -47,9 +45,8 @@ def main() -> None:
     }
     rows = []
     started = time.time()
-    central = run_centralized(
-        RunConfig.from_mapping(run_config), args.output_dir / f"centralized-{stamp}")
-    rows.append(("centralized", 1, last_round(central.folder), time.time() - started))
+    central = centralized_baseline(run_config, args.output_dir / f"centralized-{stamp}")
+    rows.append(("centralized", 1, last_round(central), time.time() - started))
 
     started = time.time()
     federated = run_federated({**run_config, "run-name": f"federated-{stamp}"}, args.clients,

@@ -14,7 +14,7 @@ import torch
 from client.proximal import proximal_step
 from sepal.config import RunConfig
 from sepal.data import DataError, check_site_label_names, make_loader
-from sepal.lora import LoraSettings
+from sepal.lora import LoraConfig
 from sepal.model import get_weights, set_weights
 from sepal.optim import LearningRateSchedule, build_optimizer
 from sepal.privacy.engine import ClientPrivacy
@@ -31,7 +31,7 @@ class LocalTraining:
     """Owns the node's model for one message: load global weights, train, read back."""
 
     def __init__(self, cfg: RunConfig, node: NodeData, label_names: list[str],
-                 device: torch.device, lora: LoraSettings | None = None):
+                 device: torch.device, lora: LoraConfig | None = None):
         self.cfg = cfg
         self.node = node
         self.label_names = label_names

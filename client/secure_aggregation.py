@@ -32,12 +32,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.settings import run_settings
 from sepal import wire
 from sepal.codecs import decode_upload
 from sepal.codecs.downlink import DOWNLOAD_KEY, REFERENCE_KEY
-from sepal.privacy import UserLevelDPSettings
 from sepal.secagg import envelope, shamir
-from sepal.secagg.config import SecAggConfig
 from sepal.secagg.errors import SecAggError
 from sepal.secagg.fixedpoint import SCALARS, FixedPoint, encode_scalars, sum_bits
 from sepal.secagg.identity import (
@@ -116,8 +115,8 @@ def setup(msg: Message, context: Context) -> Message:
     tag, stage = RoundTag.read(msg.content)
     if stage != SETUP or tag.run_id != msg.metadata.run_id:
         raise SecAggError(f"setup handler got a '{stage}' message of run {tag.run_id}")
-    cfg = SecAggConfig.from_mapping(context.run_config)
-    site = SitePolicy.from_node_config(context.node_config)
+    cfg = run_settings(context).secagg
+    site = SitePolicy.from_mapping(context.node_config)
     if cfg.secagg_authenticated and not site.authenticated:
         raise SecAggError(
             "run config 'secagg-authenticated' = true needs this site's node config "
@@ -251,7 +250,7 @@ def consistency(msg: Message, context: Context) -> Message:
         raise SecAggError("consistency stage in a round this client runs unauthenticated")
     survivors = config_field(msg.content, CONSISTENCY_KEY, "survivors", list, int)
     _check_survivors(state, survivors)
-    identity = SitePolicy.from_node_config(context.node_config).identity()
+    identity = SitePolicy.from_mapping(context.node_config).identity()
     signature = identity.sign(survivors_statement(tag.context, state["node"], survivors))
     state.update({"stage": CONSISTENCY, "survivors": survivors})
     return _reply(msg, tag, CONSISTENCY,
@@ -323,7 +322,7 @@ def _check_signed_keys(msg: Message, context: Context, tag: RoundTag, state: Con
     signatures = config_field(msg.content, KEYS_KEY, "signatures", list, bytes)
     if not len(institutions) == len(signatures) == len(nodes):
         raise SecAggError("institutions and signatures do not pair up with the neighbour list")
-    identity = SitePolicy.from_node_config(context.node_config).identity()
+    identity = SitePolicy.from_mapping(context.node_config).identity()
     me, seen = state["node"], {}
     for node, institution, signature, key_a, key_b in zip(
             nodes, institutions, signatures, envelope_keys, mask_keys):
@@ -368,7 +367,7 @@ def _check_consistency(msg: Message, context: Context, tag: RoundTag, state: Con
     signatures = config_field(msg.content, UNMASK_KEY, "signatures", list, bytes)
     if len(signers) != len(signatures):
         raise SecAggError("signers and signatures do not pair up one to one")
-    roster = SitePolicy.from_node_config(context.node_config).identity().roster
+    roster = SitePolicy.from_mapping(context.node_config).identity().roster
     nodes, me = list(state["nodes"]), state["node"]
     valid, refused = {me}, []
     for node, signature in zip(signers, signatures):
@@ -398,7 +397,7 @@ def _check_neighbourhood(state, context, msg_content, nodes, envelope_keys, mask
     own = nodes.index(me)
     if (envelope_keys[own], mask_keys[own]) != (state["envelope-public"], state["mask-public"]):
         raise SecAggError("this node's own public keys were altered")
-    site = SitePolicy.from_node_config(context.node_config)
+    site = SitePolicy.from_mapping(context.node_config)
     clients = config_field(msg_content, KEYS_KEY, "clients", int)  # those that answered setup
     if not 2 <= clients <= state["clients"]:
         raise SecAggError(f"{clients} client(s) said to remain of the {state['clients']} "
@@ -431,10 +430,11 @@ def _encoded_update(msg: Message, context: Context, reply: Message,
     whose noise is calibrated to an unweighted mean of clipped updates.
     """
     update, metrics = _decoded_update(msg, context, reply)
-    cfg = SecAggConfig.from_mapping(context.run_config)
+    settings = run_settings(context)
+    cfg = settings.secagg
     examples = int(metrics[wire.NUM_EXAMPLES])
     cap = cfg.secagg_max_examples
-    if UserLevelDPSettings.from_run_config(context.run_config).enabled:
+    if settings.user_dp.enabled:
         weight_units = cap
     else:
         weight_units = min(examples, cap)

@@ -10,17 +10,16 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from client.local_training import LocalTraining
+from client.settings import run_settings
 from sepal import logs, wire
 from sepal.codecs import build_codec
 from sepal.codecs.downlink import receive_global
 from sepal.config import RunConfig
 from sepal.data import DataError, make_loader
-from sepal.lora import LoraSettings
 from sepal.model import resolve_device
-from sepal.privacy import PrivacyRefusal, UserLevelDPSettings, clip_update
+from sepal.privacy import PrivacyRefusal, clip_update
 from sepal.privacy.engine import ClientPrivacy
 from sepal.privacy.user_level import Rounding
-from sepal.secagg.config import SecAggConfig
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import evaluate as evaluate_model
 
@@ -29,8 +28,9 @@ CODEC_STATE_KEY = "codec-state"
 
 def train(msg: Message, context: Context) -> Message:
     logs.quiet_libraries()
-    cfg = RunConfig.from_mapping(context.run_config)
-    node = NodeData.from_node_config(context.node_config)
+    settings = run_settings(context)
+    cfg = settings.run
+    node = NodeData.from_mapping(context.node_config)
     config = msg.content[wire.CONFIG_KEY]
     global_weights = receive_global(msg.content, context.state)
     label_names = list(config["label-names"])
@@ -38,21 +38,21 @@ def train(msg: Message, context: Context) -> Message:
 
     try:
         privacy = ClientPrivacy.for_node(
-            context, cfg, len(tokenized_node_split(cfg, node, cfg.train_split)), config)
+            context, cfg, settings.dp, len(tokenized_node_split(cfg, node, cfg.train_split)),
+            config)
     except PrivacyRefusal as refusal:
         return Message(content=refusal.content(), reply_to=msg)
     training = LocalTraining(cfg, node, label_names, resolve_device(_node_device(context, cfg)),
-                             lora=LoraSettings.from_run_config(context.run_config))
+                             lora=settings.lora)
     stats = training.run(global_weights, server_round, privacy,
                          proximal_mu=float(config.get("proximal-mu", 0.0)))  # sent by FedProx
     update = OrderedDict(
         (name, (local - global_weights[name]).astype(np.float32))
         for name, local in training.local_weights().items()
     )
-    user_dp = UserLevelDPSettings.from_run_config(context.run_config)
+    user_dp = settings.user_dp
     rounding = (Rounding.of_upload(sum(v.size for v in update.values()),
-                                   str(config.get("upload-codec", "dense")),
-                                   SecAggConfig.from_mapping(context.run_config))
+                                   str(config.get("upload-codec", "dense")), settings.secagg)
                 if user_dp.enabled and user_dp.client_side else Rounding())
     clip_metrics = clip_update(update, config, user_dp, rounding)
 
@@ -85,13 +85,13 @@ def train(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     logs.quiet_libraries()
-    cfg = RunConfig.from_mapping(context.run_config)
-    node = NodeData.from_node_config(context.node_config)
+    settings = run_settings(context)
+    cfg = settings.run
+    node = NodeData.from_mapping(context.node_config)
     config = msg.content[wire.CONFIG_KEY]
     label_names = list(config["label-names"])
     device = resolve_device(_node_device(context, cfg))
-    training = LocalTraining(cfg, node, label_names, device,
-                             lora=LoraSettings.from_run_config(context.run_config))
+    training = LocalTraining(cfg, node, label_names, device, lora=settings.lora)
     training.load(wire.record_to_arrays(msg.content[wire.ARRAYS_KEY]))
     try:
         dataset = tokenized_node_split(cfg, node, cfg.test_split)

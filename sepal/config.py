@@ -1,14 +1,15 @@
 """Typed view of a run's configuration (``[tool.flwr.app.config]`` + overrides).
 
-Flower hands the ServerApp and ClientApp a flat ``dict`` of TOML scalars; this
-module turns it into a frozen dataclass once, checking every value, so that a
-bad setting stops the run at start-up with the key's name in the message.
+Flower hands the ServerApp and ClientApp a flat ``dict`` of TOML scalars; each
+section of it is a frozen dataclass (this module's ``RunConfig`` is the run's own)
+built by :func:`parse_section`, which checks every value, so that a bad setting stops
+the run at start-up with the key's name in the message. ``sepal.settings`` reads all
+the sections at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -156,19 +157,6 @@ class RunConfig:
         require(self.run_name == "" or bool(RUN_NAME.fullmatch(self.run_name)), "run-name",
                 "must be a plain folder name (letters, digits, '.', '_', '-'; no path "
                 f"separators, not '.' or '..'), got {self.run_name!r}")
-
-
-def check_declared_keys(values: Mapping[str, Any], declared: Mapping[str, Any]) -> None:
-    """ConfigError naming every key of ``values`` the app does not declare (Flower refuses
-    them with only "Invalid run configuration"), with the closest declared key."""
-    unknown = sorted(set(values) - set(declared))
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, list(declared), n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise ConfigError(f"run config key(s) {', '.join(hints)} are not settings of this app "
-                          "([tool.flwr.app.config] in pyproject.toml)")
 
 
 def parse_section(cls: type, values: Mapping[str, Any], source: str = "run config") -> Any:

@@ -5,7 +5,8 @@
 A config section is a frozen dataclass with a ``validate()`` method in one of Sepal's
 packages; each field is one key (its name in kebab-case) and carries its help text in
 ``metadata["help"]``. Sections read from the run config unless the class sets
-``CONFIG_SOURCE = "node config"`` (what each institution sets on its SuperNode).
+``CONFIG_SOURCE = "node config"`` (what each institution sets on its SuperNode). The
+run-config sections are the fields of ``sepal.settings.Settings``, bar test-only ones.
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ def config_sections(skip_unimportable: bool = False) -> tuple[type, ...]:
 
 
 def run_config_sections(skip_unimportable: bool = False) -> list[type]:
-    return [cls for cls in config_sections(skip_unimportable) if source(cls) == RUN_CONFIG]
+    """The run-config sections: those of ``Settings`` in its field order, then the
+    test-only ones."""
+    from sepal.settings import Settings
+
+    found = [cls for cls in config_sections(skip_unimportable) if source(cls) == RUN_CONFIG]
+    schema = list(Settings.sections().values())
+    return [cls for cls in schema if cls in found] + [cls for cls in found if cls not in schema]
 
 
 def node_config_sections() -> list[type]:

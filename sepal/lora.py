@@ -12,16 +12,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
-
-import torch
-from transformers import PreTrainedModel
+from typing import TYPE_CHECKING, Any
 
 from sepal.config import parse_section, require
 
+if TYPE_CHECKING:  # the section is read where torch is not imported (secure aggregation)
+    import torch
+    from transformers import PreTrainedModel
+
 
 @dataclasses.dataclass(frozen=True)
-class LoraSettings:
+class LoraConfig:
     lora: bool = dataclasses.field(default=False, metadata={
         "help": "Train and exchange LoRA adapters and the classifier head instead of every "
                 "weight."})
@@ -35,7 +36,7 @@ class LoraSettings:
         "help": "Comma-separated names of the modules that get adapters, e.g. `query,value`."})
 
     @classmethod
-    def from_run_config(cls, values: Mapping[str, Any]) -> LoraSettings:
+    def from_mapping(cls, values: Mapping[str, Any]) -> LoraConfig:
         return parse_section(cls, values)
 
     @property
@@ -54,17 +55,17 @@ class LoraSettings:
         """``model`` with LoRA adapters on the target modules (unchanged when LoRA is off)."""
         if not self.lora:
             return model
-        from peft import LoraConfig, TaskType, get_peft_model
+        import peft
 
         names = [name for name, _ in model.named_modules()]
         missing = [target for target in self.target_modules  # matched as peft does
                    if not any(n == target or n.endswith("." + target) for n in names)]
         require(not missing, "lora-target-modules",
                 f"names modules {missing} that model {type(model).__name__} does not have")
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=self.lora_r,
-                            lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                            target_modules=self.target_modules)
-        return get_peft_model(model, config)
+        config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=self.lora_r,
+                                 lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                                 target_modules=self.target_modules)
+        return peft.get_peft_model(model, config)
 
 
 def exportable(model: torch.nn.Module) -> PreTrainedModel:

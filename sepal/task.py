@@ -17,7 +17,7 @@ import torch
 from sepal.config import ConfigError, RunConfig, parse_section, require
 from sepal.data import (TextSplit, TokenizedDataset, is_local, load_split,
                         partition, read_label_names)
-from sepal.lora import LoraSettings
+from sepal.lora import LoraConfig
 from sepal.model import build_model, load_tokenizer
 
 
@@ -45,7 +45,7 @@ class NodeData:
                 source="node config")
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeData:
+    def from_mapping(cls, node_config: Mapping[str, Any]) -> NodeData:
         return parse_section(cls, node_config, source="node config")
 
 
@@ -110,7 +110,7 @@ def tokenized_server_test_split(cfg: RunConfig) -> TokenizedDataset:
 
 
 def build_task_model(cfg: RunConfig, label_names: list[str],
-                     lora: LoraSettings | None = None) -> torch.nn.Module:
+                     lora: LoraConfig | None = None) -> torch.nn.Module:
     """The run's classifier as every side builds it: model, pooling, what is trainable,
     and LoRA adapters when the run asks for them."""
     if lora is not None and lora.lora and cfg.trainable != "all":

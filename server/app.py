@@ -10,15 +10,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from sepal import logs
-from sepal.codecs import CompressionConfig
 from sepal.codecs.downlink import downlink_for
-from sepal.config import RunConfig
 from sepal.data import check_labels_within, check_training_classes
-from sepal.lora import LoraSettings
 from sepal.model import get_weights
-from sepal.privacy import DPSGDSettings, UserLevelDPSettings
 from sepal.privacy.engine import check_run_settings
-from sepal.secagg.config import SecAggConfig
+from sepal.settings import Settings
 from sepal.task import (
     build_task_model,
     centralized_train_split,
@@ -27,16 +23,16 @@ from sepal.task import (
     server_test_split,
 )
 from server.central_dp import check_user_level_rounding, wrap_with_user_level_dp
-from server.checkpoint import CheckpointConfig, open_checkpoints, privacy_ledger
+from server.checkpoint import open_checkpoints, privacy_ledger
 from server.evaluation import ServerEvaluator
 from server.export import export_run
 from server.privacy_monitor import PrivacyMonitor
 from server.privacy_statement import write_privacy_statement
 from server.progress import run_header, run_summary_lines
-from server.run_output import RunOutput, all_settings, claim_run_folder
+from server.run_output import RunOutput, claim_run_folder
 from server.secure_aggregation import federation_class
-from server.validation import UpdateValidator, ValidationConfig
-from strategies import StrategyConfig, build_strategy, strategy_traits
+from server.validation import UpdateValidator
+from strategies import build_strategy, strategy_traits
 from strategies.compatibility import active_wrappers, check_composition
 
 log = logging.getLogger("sepal.server")
@@ -53,16 +49,15 @@ def main(grid: Grid, context: Context) -> None:
 def serve(grid: Grid, context: Context) -> Path:
     """Everything the ServerApp does for one run; returns the run's output folder."""
     started = time.time()
-    cfg = RunConfig.from_mapping(context.run_config)
-    compression = CompressionConfig.from_mapping(context.run_config)
+    settings = Settings.from_mapping(context.run_config)
+    cfg, compression = settings.run, settings.compression
     label_names = run_label_names(cfg)
     check_labels_within(server_test_split(cfg), label_names, f"split '{cfg.test_split}'")
     train_size = run_train_size(cfg)
     if train_size is not None:  # else each client checks against its own data
         check_training_classes(centralized_train_split(cfg))
-        check_run_settings(DPSGDSettings.from_run_config(context.run_config), cfg, train_size)
-    lora = LoraSettings.from_run_config(context.run_config)
-    chosen = StrategyConfig.from_mapping(context.run_config)
+        check_run_settings(settings.dp, cfg, train_size)
+    chosen = settings.strategy
     check_composition(chosen.strategy, strategy_traits(chosen.strategy),
                       active_wrappers(context.run_config))
     strategy = build_strategy(
@@ -76,28 +71,24 @@ def serve(grid: Grid, context: Context) -> Path:
             "min_available_nodes": cfg.min_available_nodes,
         },
     )
-    strategy = wrap_with_user_level_dp(
-        strategy, UserLevelDPSettings.from_run_config(context.run_config), grid, cfg)
-    make_federation = federation_class(context.run_config)
-    validator = UpdateValidator(ValidationConfig.from_mapping(context.run_config))
+    strategy = wrap_with_user_level_dp(strategy, settings.user_dp, grid, cfg)
+    make_federation = federation_class(settings.secagg, settings.user_dp)
+    validator = UpdateValidator(settings.validation)
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
-    checkpoint_settings = CheckpointConfig.from_mapping(context.run_config)
-    with claim_run_folder(Path(cfg.output_dir) / run_name, checkpoint_settings.resume):
-        checkpoints, resume_from = open_checkpoints(checkpoint_settings, cfg, run_name,
+    with claim_run_folder(Path(cfg.output_dir) / run_name, settings.checkpoint.resume):
+        checkpoints, resume_from = open_checkpoints(settings.checkpoint, cfg, run_name,
                                                     context.run_config)
-        ledger = privacy_ledger(run_name, checkpoint_settings, resume_from)
-        output = RunOutput(Path(cfg.output_dir) / run_name, all_settings(context.run_config))
-        model = build_task_model(cfg, label_names, lora)
-        for line in run_header(run_name, cfg, model, len(list(grid.get_node_ids())), chosen,
-                               compression, context.run_config, output.folder.resolve()):
+        ledger = privacy_ledger(run_name, settings.checkpoint, resume_from)
+        output = RunOutput(Path(cfg.output_dir) / run_name, settings.as_dict())
+        model = build_task_model(cfg, label_names, settings.lora)
+        for line in run_header(run_name, settings, model, len(list(grid.get_node_ids())),
+                               output.folder.resolve()):
             log.info(line)
         initial = get_weights(model)
         del model
-        check_user_level_rounding(UserLevelDPSettings.from_run_config(context.run_config),
-                                  sum(v.size for v in initial.values()),
-                                  compression.upload_codec,
-                                  SecAggConfig.from_mapping(context.run_config))
-        evaluator = ServerEvaluator(cfg, label_names, lora)
+        check_user_level_rounding(settings.user_dp, sum(v.size for v in initial.values()),
+                                  compression.upload_codec, settings.secagg)
+        evaluator = ServerEvaluator(cfg, label_names, settings.lora)
         federation = make_federation(grid, strategy, cfg, label_names, evaluator, output,
                                      train_config={"upload-codec": compression.upload_codec,
                                                    **ledger.to_config()},

@@ -53,7 +53,7 @@ from flwr.supercore.privacy_accounting import (
 
 from sepal import wire
 from sepal.config import ConfigError, RunConfig, require
-from sepal.privacy.config import UserLevelDPSettings
+from sepal.privacy.config import UserLevelDPConfig
 from sepal.privacy.user_level import Rounding
 from sepal.secagg.config import SecAggConfig
 from server.flower_patches import ClientSideAdaptiveClipping, ServerSideAdaptiveClipping
@@ -64,7 +64,7 @@ log = logging.getLogger("sepal.server")
 class UserLevelDP(Strategy):
     """A configured strategy under one of Flower's central-DP wrappers, with accounting."""
 
-    def __init__(self, strategy: Strategy, settings: UserLevelDPSettings,
+    def __init__(self, strategy: Strategy, settings: UserLevelDPConfig,
                  num_sampled_clients: int, population: int):
         super().__init__()
         self.settings = settings
@@ -145,7 +145,7 @@ class UserLevelDP(Strategy):
         self.wrapped.summary()
 
 
-def wrap_with_user_level_dp(strategy: Strategy, settings: UserLevelDPSettings, grid: Grid,
+def wrap_with_user_level_dp(strategy: Strategy, settings: UserLevelDPConfig, grid: Grid,
                             cfg: RunConfig) -> Strategy:
     """``strategy`` under user-level DP when ``user-dp`` is on (unchanged otherwise).
 
@@ -163,7 +163,7 @@ def wrap_with_user_level_dp(strategy: Strategy, settings: UserLevelDPSettings, g
     return UserLevelDP(strategy, settings, num_sampled, population)
 
 
-def check_user_level_rounding(settings: UserLevelDPSettings, dim: int, upload_codec: str,
+def check_user_level_rounding(settings: UserLevelDPConfig, dim: int, upload_codec: str,
                               secagg: SecAggConfig) -> None:
     """Start-up: client-side clipping whose rounding (codec, secure aggregation) would
     break the sensitivity C stops the run with an error naming the setting; clients then

@@ -9,14 +9,14 @@ import numpy as np
 
 from sepal.config import RunConfig
 from sepal.data import make_loader
-from sepal.lora import LoraSettings, exportable
+from sepal.lora import LoraConfig, exportable
 from sepal.model import resolve_device, set_weights
 from sepal.task import build_task_model, tokenized_server_test_split
 from sepal.training import EvalStats, evaluate
 
 
 class ServerEvaluator:
-    def __init__(self, cfg: RunConfig, label_names: list[str], lora: LoraSettings | None = None):
+    def __init__(self, cfg: RunConfig, label_names: list[str], lora: LoraConfig | None = None):
         self.cfg = cfg
         self.label_names = label_names
         self.device = resolve_device(cfg.device)

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sepal.settings import Settings
 
 
-def run_header(run_name: str, cfg, model, connected: int, strategy, compression,
-               run_config: Mapping[str, Any], folder: Path) -> list[str]:
+def run_header(run_name: str, settings: Settings, model, connected: int,
+               folder: Path) -> list[str]:
     """The run's settings in a few lines, before round 1."""
-    from sepal.privacy import DPSGDSettings, UserLevelDPSettings
-    from sepal.secagg.config import SecAggConfig
-
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    dp = DPSGDSettings.from_run_config(run_config)
-    user_dp = UserLevelDPSettings.from_run_config(run_config)
-    secagg = SecAggConfig.from_mapping(run_config)
+    cfg, strategy, compression = settings.run, settings.strategy, settings.compression
+    dp, user_dp, secagg = settings.dp, settings.user_dp, settings.secagg
     privacy = []
     if dp.dp_sgd:
         privacy.append(f"DP-SGD on every site, target eps {dp.dp_target_epsilon:g} at "

@@ -15,7 +15,6 @@ the sites ``site-1``, ``site-2``, ... in the order their node ids first took par
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import math
@@ -194,18 +193,6 @@ def _plot_privacy(axis, rounds: list[dict[str, Any]], sites: Mapping[str, str]) 
 
 PER_NODE_KEYS = ("bytes_up_per_client", "epsilon_per_client", "delta_per_client",
                  "offenders", "rejected_reasons", "refusals")
-
-
-def all_settings(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Every setting of the run, validated and with its defaults filled in: the fields of
-    every run-config section (``sepal.docs_reference.run_config_sections``)."""
-    from sepal.config import parse_section
-    from sepal.docs_reference import run_config_sections
-
-    settings: dict[str, Any] = {}
-    for section in run_config_sections(skip_unimportable=True):
-        settings.update(dataclasses.asdict(parse_section(section, run_config)))
-    return settings
 
 
 def run_summary(rounds: list[dict[str, Any]], sites: Mapping[str, str], wall_time_s: float,

@@ -51,7 +51,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord,
 from flwr.serverapp import Grid
 
 from sepal import wire
-from sepal.privacy import UserLevelDPSettings
+from sepal.privacy import UserLevelDPConfig
 from sepal.privacy.refusal import Refusal, read_reply_privacy
 from sepal.secagg import graph, shamir
 from sepal.secagg.config import SecAggConfig
@@ -619,10 +619,8 @@ def _split(flat: np.ndarray, like: OrderedDict[str, np.ndarray]) -> OrderedDict[
     return parts
 
 
-def federation_class(run_config):
+def federation_class(secagg: SecAggConfig, user_dp: UserLevelDPConfig):
     """Federation, or SecureFederation bound to its settings when ``secure-aggregation``."""
-    secagg = SecAggConfig.from_mapping(run_config)
     if not secagg.enabled:
         return Federation
-    user_dp = UserLevelDPSettings.from_run_config(run_config)
     return functools.partial(SecureFederation, secagg=secagg, user_dp=user_dp.enabled)

@@ -20,7 +20,6 @@ and saved in checkpoints, so repeat offenders stay visible across rounds.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from sepal.config import parse_section, require
+from sepal.validation_config import ValidationConfig
 from sepal.wire import UploadError
 
 MIN_UPDATES_FOR_MEDIAN = 3
@@ -36,33 +35,6 @@ NORM_CHUNK = 1 << 12
 # Largest magnitude an update or a model may hold: its square stays finite in float32
 # (norms, FedAdam's second moments), so one value cannot turn the next model into inf.
 MAX_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
-MAX_SITE_EXAMPLES_LIMIT = 2**31 - 1  # weights summed in float64 stay exact
-
-
-@dataclasses.dataclass(frozen=True)
-class ValidationConfig:
-    validation_norm_multiple: float = dataclasses.field(default=10.0, metadata={
-        "help": "Reject an update whose L2 norm exceeds this multiple of the reference norm (0 "
-                "switches the norm check off)."})
-    validation_clip_bound: float = dataclasses.field(default=0.0, metadata={
-        "help": "The reference norm, e.g. the clipping norm sites apply under DP (0 = the median "
-                "norm of the round's updates)."})
-    max_site_examples: int = dataclasses.field(default=100_000, metadata={
-        "help": "Largest num-examples a site may declare; a reply claiming more is rejected, "
-                "so no site can take the weight of the others."})
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> ValidationConfig:
-        return parse_section(cls, values)
-
-    def validate(self) -> None:
-        require(self.validation_norm_multiple == 0 or 1 <= self.validation_norm_multiple < math.inf,
-                "validation-norm-multiple", "must be 0 (off) or finite and >= 1")
-        require(math.isfinite(self.validation_clip_bound) and self.validation_clip_bound >= 0,
-                "validation-clip-bound", "must be finite and >= 0 (0 = use the round's median "
-                "norm)")
-        require(1 <= self.max_site_examples <= MAX_SITE_EXAMPLES_LIMIT, "max-site-examples",
-                f"must be in [1, {MAX_SITE_EXAMPLES_LIMIT}]")
 
 
 class UpdateValidator:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sepal.config import RunConfig
 from sepal.data import TokenizedDataset, make_loader
-from sepal.lora import LoraSettings, exportable
+from sepal.lora import LoraConfig, exportable
 from sepal.model import load_tokenizer, resolve_device
 from sepal.optim import LearningRateSchedule, build_optimizer
 from sepal.task import build_task_model, centralized_train_split, tokenized_server_test_split
@@ -22,7 +22,7 @@ from sepal.training import evaluate, evaluation_record, seed_everything, train_e
 from server.run_output import RunOutput
 
 
-def run_centralized(cfg: RunConfig, folder: Path, lora: LoraSettings | None = None) -> RunOutput:
+def run_centralized(cfg: RunConfig, folder: Path, lora: LoraConfig | None = None) -> RunOutput:
     output = RunOutput(folder, {**dataclasses.asdict(cfg), "mode": "centralized",
                                 **({"lora": dataclasses.asdict(lora)} if lora else {})})
     device = resolve_device(cfg.device)

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sepal.cli import version_text
-from sepal.config import check_declared_keys
 from simulations.processes import (
     ProcessGroup,
     flower_env,
@@ -93,19 +92,10 @@ def client_resources(federation: dict[str, Any]) -> dict[str, float]:
 def check_experiment(run_config: dict[str, Any]) -> None:
     """Stop with a clear error before any process starts: unknown keys, bad values, a
     dataset that cannot be read (a bare name that is not a folder, offline)."""
-    from sepal.config import ConfigError, RunConfig, parse_section
     from sepal.data import DataError, is_local, load_split
-    from sepal.docs_reference import run_config_sections
+    from sepal.settings import Settings
 
-    declared = app_defaults()
-    unknown = sorted(set(run_config) - set(declared))
-    if unknown:
-        raise ConfigError(f"run config {unknown}: unknown key(s); the keys are listed in "
-                          "docs/configuration.md (or pyproject.toml [tool.flwr.app.config])")
-    values = {**declared, **run_config}
-    for section in run_config_sections(skip_unimportable=True):
-        parse_section(section, values)
-    cfg = RunConfig.from_mapping(values)
+    cfg = Settings.from_mapping({**app_defaults(), **run_config}).run
     if not is_local(cfg.dataset) and os.environ.get("HF_HUB_OFFLINE", "1") != "0":
         raise DataError(
             f"run config 'dataset' {cfg.dataset!r} is not a folder (looked in {Path.cwd()} and "
@@ -126,8 +116,10 @@ def run_federated(run_config: dict[str, Any], num_supernodes: int, workdir: Path
     ``timeout``: seconds before the run is stopped (None = no limit).
     """
     workdir.mkdir(parents=True, exist_ok=True)
+    from sepal.settings import check_known_keys
+
     run_config = dict(run_config)
-    check_declared_keys(run_config, app_defaults())  # Flower would not name the key
+    check_known_keys(run_config)  # Flower would not name the key
     run_config.setdefault("run-name", f"federated-{time.strftime('%Y%m%d-%H%M%S')}")
     run_config["output-dir"] = str(Path(run_config.get("output-dir", "outputs")).resolve())
     flwr_home = workdir / "flwr-home"
@@ -279,14 +271,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
 def centralized_baseline(run_config: dict[str, Any], folder: Path) -> Path:
     """Train the centralized baseline of ``run_config`` (LoRA when the run uses it) into
     ``folder``; returns that folder."""
-    from sepal.config import RunConfig
-    from sepal.lora import LoraSettings
+    from sepal.settings import Settings
     from simulations.centralized import run_centralized
 
-    settings = {**app_defaults(), **run_config}
-    lora = LoraSettings.from_run_config(settings)
-    return run_centralized(RunConfig.from_mapping(settings), folder,
-                           lora if lora.lora else None).folder
+    settings = Settings.from_mapping({**app_defaults(), **run_config})
+    return run_centralized(settings.run, folder,
+                           settings.lora if settings.lora.lora else None).folder
 
 
 def app_defaults() -> dict[str, Any]:

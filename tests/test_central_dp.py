@@ -22,7 +22,7 @@ from opacus.accountants import RDPAccountant
 
 from sepal import wire
 from sepal.config import ConfigError, RunConfig
-from sepal.privacy import UserLevelDPSettings, clip_update
+from sepal.privacy import UserLevelDPConfig, clip_update
 from server.central_dp import UserLevelDP, wrap_with_user_level_dp
 from server.privacy_monitor import PrivacyMonitor
 from server.uploads import decode_replies
@@ -97,7 +97,7 @@ def opacus_gaussian_epsilon(noise_multipliers: list[float], delta: float) -> flo
 
 
 def test_server_side_fixed_clipping_weighs_clients_equally_and_accounts_epsilon():
-    settings = UserLevelDPSettings(user_dp="server-fixed", user_dp_noise_multiplier=1e-3,
+    settings = UserLevelDPConfig(user_dp="server-fixed", user_dp_noise_multiplier=1e-3,
                                    user_dp_clipping_norm=0.5)
     strategy = wrap_with_user_level_dp(FedAvg(min_train_nodes=3, min_available_nodes=3),
                                        settings, ConnectedNodes(NODES), CFG)
@@ -114,7 +114,7 @@ def test_server_side_fixed_clipping_weighs_clients_equally_and_accounts_epsilon(
 
 
 def test_fixed_clipping_epsilon_matches_an_independent_accountant_and_skips_partial_rounds():
-    settings = UserLevelDPSettings(user_dp="client-fixed", user_dp_noise_multiplier=1.0)
+    settings = UserLevelDPConfig(user_dp="client-fixed", user_dp_noise_multiplier=1.0)
     strategy = wrap_with_user_level_dp(FedAvg(min_train_nodes=3, min_available_nodes=3),
                                        settings, ConnectedNodes(NODES), CFG)
     updates = {node: np.full(DIM, 0.01) for node in NODES}
@@ -130,7 +130,7 @@ def test_fixed_clipping_epsilon_matches_an_independent_accountant_and_skips_part
 
 
 def test_adaptive_clipping_norm_grows_when_most_updates_are_clipped():
-    settings = UserLevelDPSettings(user_dp="server-adaptive", user_dp_noise_multiplier=0.01,
+    settings = UserLevelDPConfig(user_dp="server-adaptive", user_dp_noise_multiplier=0.01,
                                    user_dp_clipped_count_stddev=0.01, user_dp_clipping_norm=0.1,
                                    user_dp_clip_norm_lr=0.2, user_dp_target_quantile=0.5)
     strategy = wrap_with_user_level_dp(FedAvg(min_train_nodes=3, min_available_nodes=3),
@@ -144,7 +144,7 @@ def test_adaptive_clipping_norm_grows_when_most_updates_are_clipped():
 
 def test_adaptive_clipping_epsilon_counts_each_release_with_its_replies():
     z, count_stddev = 1.0, 1.0
-    settings = UserLevelDPSettings(user_dp="client-adaptive", user_dp_noise_multiplier=z,
+    settings = UserLevelDPConfig(user_dp="client-adaptive", user_dp_noise_multiplier=z,
                                    user_dp_clipped_count_stddev=count_stddev)
     strategy = wrap_with_user_level_dp(FedAvg(min_train_nodes=3, min_available_nodes=3),
                                        settings, ConnectedNodes(NODES), CFG)
@@ -163,17 +163,17 @@ def test_adaptive_clipping_epsilon_counts_each_release_with_its_replies():
 
 
 def test_user_level_delta_must_be_below_one_over_the_number_of_clients():
-    settings = UserLevelDPSettings(user_dp="server-fixed", user_dp_delta=0.5)
+    settings = UserLevelDPConfig(user_dp="server-fixed", user_dp_delta=0.5)
     with pytest.raises(ConfigError, match=r"'user-dp-delta' 0.5 must be below 1/number of clients"):
         wrap_with_user_level_dp(FedAvg(), settings, ConnectedNodes(NODES), CFG)
-    adaptive = UserLevelDPSettings(user_dp="server-adaptive", user_dp_noise_multiplier=1.0)
+    adaptive = UserLevelDPConfig(user_dp="server-adaptive", user_dp_noise_multiplier=1.0)
     with pytest.raises(ConfigError, match="'user-dp-clipped-count-stddev'"):
         wrap_with_user_level_dp(FedAvg(), adaptive, ConnectedNodes(NODES), CFG)
 
 
 def test_client_side_clipping_bounds_the_update_before_it_is_encoded():
     config = ConfigRecord({KEY_CLIPPING_NORM: 1.0})
-    adaptive = UserLevelDPSettings(user_dp="client-adaptive")
+    adaptive = UserLevelDPConfig(user_dp="client-adaptive")
     big = OrderedDict(a=np.full(4, 3.0, np.float32), b=np.full(2, 4.0, np.float32))
     assert clip_update(big, config, adaptive) == {KEY_NORM_BIT: 1}
     norm = math.sqrt(sum(float((v ** 2).sum()) for v in big.values()))
@@ -181,11 +181,11 @@ def test_client_side_clipping_bounds_the_update_before_it_is_encoded():
     small = OrderedDict(a=np.full(4, 0.1, np.float32))
     assert clip_update(small, config, adaptive) == {KEY_NORM_BIT: 0}
     np.testing.assert_array_equal(small["a"], np.full(4, 0.1, np.float32))
-    fixed = UserLevelDPSettings(user_dp="client-fixed")
+    fixed = UserLevelDPConfig(user_dp="client-fixed")
     assert clip_update(OrderedDict(a=np.full(4, 3.0, np.float32)), config, fixed) == {}
     with pytest.raises(ValueError, match="sent no 'clipping_norm'"):
         clip_update(OrderedDict(a=np.ones(2, np.float32)), ConfigRecord(), fixed)
-    assert clip_update(big, ConfigRecord(), UserLevelDPSettings(user_dp="server-fixed")) == {}
+    assert clip_update(big, ConfigRecord(), UserLevelDPConfig(user_dp="server-fixed")) == {}
 
 
 def answer(node: int, **records) -> Message:

@@ -27,11 +27,11 @@ from flwr.serverapp.strategy import (
 from safetensors.numpy import load_file
 
 from sepal.config import ConfigError, RunConfig
-from sepal.privacy import UserLevelDPSettings
+from sepal.privacy import UserLevelDPConfig
 from server.central_dp import UserLevelDP
+from sepal.checkpoint_config import CheckpointConfig
 from server.checkpoint import (
     Checkpoint,
-    CheckpointConfig,
     CheckpointError,
     Checkpointer,
     capture_rng,
@@ -176,7 +176,7 @@ def test_strategy_state_of_flower_strategies_survives_a_checkpoint(tmp_path):
     fixed = DifferentialPrivacyServerSideFixedClipping(FedAvg(), 1.0, 1.0, 2, accountant=accountant)
 
     def user_level(mode):
-        settings = UserLevelDPSettings(user_dp=mode, user_dp_noise_multiplier=0.1)
+        settings = UserLevelDPConfig(user_dp=mode, user_dp_noise_multiplier=0.1)
         return UserLevelDP(FedAvgM(server_momentum=0.9), settings, num_sampled_clients=2,
                            population=2)
 

@@ -120,7 +120,7 @@ def test_bad_run_config_names_the_key():
     with pytest.raises(ConfigError, match="'batch-size' must be an integer"):
         RunConfig.from_mapping({"batch-size": "big"})
     with pytest.raises(ConfigError, match="node config 'data-path' is needed"):
-        NodeData.from_node_config({})
+        NodeData.from_mapping({})
 
 
 def test_huge_labels_without_label_names_are_refused(tmp_path):

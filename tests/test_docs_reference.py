@@ -31,8 +31,8 @@ def test_every_setting_has_help():
 def test_discovery_finds_the_run_and_node_sections():
     run = {cls.__name__ for cls in run_config_sections()}
     node = {cls.__name__ for cls in node_config_sections()}
-    assert {"RunConfig", "CompressionConfig", "DPSGDSettings", "UserLevelDPSettings",
-            "LoraSettings", "SecAggConfig", "CheckpointConfig", "StrategyConfig"} <= run
+    assert {"RunConfig", "CompressionConfig", "DPSGDConfig", "UserLevelDPConfig",
+            "LoraConfig", "SecAggConfig", "CheckpointConfig", "StrategyConfig"} <= run
     assert {"NodeData", "SitePolicy"} <= node
 
 

@@ -11,10 +11,10 @@ import torch
 
 from sepal.config import ConfigError, RunConfig
 from sepal.data import collate, make_loader
-from sepal.lora import LoraSettings
+from sepal.lora import LoraConfig
 from sepal.model import build_model
 from sepal.optim import LearningRateSchedule, build_optimizer, parameter_groups
-from sepal.privacy.config import DPSGDSettings, EffectivePrivacy
+from sepal.privacy.config import DPSGDConfig, EffectivePrivacy
 from sepal.privacy.engine import ClientPrivacy, LocalPlan
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import per_class_scores, physical_chunks, train_epochs
@@ -30,7 +30,7 @@ def tiny_model(lora: bool) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # both paths must compute the same function
-    return LoraSettings(lora=lora).apply(model)
+    return LoraConfig(lora=lora).apply(model)
 
 
 def node_dataset(cfg: RunConfig):
@@ -212,4 +212,4 @@ def test_head_and_body_are_clipped_to_their_shares_of_the_bound():
                                     {"dp-head-clip-share": 0.5, "dp-grad-sample-mode": "ghost"}])
 def test_a_head_clip_share_opacus_cannot_apply_is_refused(values):
     with pytest.raises(ConfigError, match="'dp-head-clip-share'"):
-        DPSGDSettings.from_run_config({"dp-sgd": True, **values})
+        DPSGDConfig.from_mapping({"dp-sgd": True, **values})

@@ -9,9 +9,9 @@ from transformers import AutoModelForSequenceClassification
 from client.local_training import LocalTraining
 from sepal.config import ConfigError, RunConfig
 from sepal.data import collate
-from sepal.lora import LoraSettings
+from sepal.lora import LoraConfig
 from sepal.model import build_model, exchanged_parameters, get_weights
-from sepal.privacy import DPSGDSettings, EffectivePrivacy, SitePolicy
+from sepal.privacy import DPSGDConfig, EffectivePrivacy, SitePolicy
 from sepal.privacy.engine import ClientPrivacy, LocalPlan
 from sepal.task import NodeData, tokenized_node_split
 from sepal.training import MODEL_INPUTS
@@ -20,7 +20,7 @@ from tests.conftest import SST2
 from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 LABELS = ["negative", "positive"]
-LORA = LoraSettings(lora=True, lora_r=4, lora_alpha=8.0, lora_target_modules="query,value")
+LORA = LoraConfig(lora=True, lora_r=4, lora_alpha=8.0, lora_target_modules="query,value")
 CFG = RunConfig(model="tiny-bert", dataset=str(SST2), test_split="dev", max_train_examples=64,
                 max_test_examples=32, max_seq_length=32, batch_size=16, learning_rate=1e-2,
                 num_server_rounds=2)
@@ -36,7 +36,7 @@ def test_only_adapters_and_classifier_travel_and_a_dp_round_leaves_the_base_unto
     training = LocalTraining(CFG, node, LABELS, torch.device("cpu"), lora=LORA)
     embeddings = training.model.get_base_model().bert.embeddings.word_embeddings.weight
     frozen = embeddings.detach().clone()
-    policy = EffectivePrivacy.combine(DPSGDSettings(dp_sgd=True), SitePolicy(), num_examples=64)
+    policy = EffectivePrivacy.combine(DPSGDConfig(dp_sgd=True), SitePolicy(), num_examples=64)
     privacy = ClientPrivacy.calibrated(policy, LocalPlan(64, 16, 1, 2))
     training.run(server_weights, 1, privacy)
     local = training.local_weights()
@@ -67,18 +67,18 @@ def test_export_merges_adapters_so_plain_transformers_loads_the_same_model(tmp_p
 
 def test_unknown_target_module_is_a_config_error():
     with pytest.raises(ConfigError, match="'lora-target-modules' names modules \\['q_proj'\\]"):
-        LoraSettings(lora=True, lora_target_modules="q_proj").apply(
+        LoraConfig(lora=True, lora_target_modules="q_proj").apply(
             build_model("tiny-bert", LABELS, 0))
     with pytest.raises(ConfigError, match="'lora-r'"):
-        LoraSettings.from_run_config({"lora": True, "lora-r": 0})
+        LoraConfig.from_mapping({"lora": True, "lora-r": 0})
 
 
 def test_target_modules_match_a_dotted_path_suffix_as_peft_does():
-    model = LoraSettings(lora=True, lora_r=2, lora_target_modules="pooler.dense").apply(
+    model = LoraConfig(lora=True, lora_r=2, lora_target_modules="pooler.dense").apply(
         build_model("tiny-bert", LABELS, 0))
     adapted = {name.split(".lora_")[0] for name, p in model.named_parameters()
                if p.requires_grad and ".lora_" in name}
     assert adapted == {"base_model.model.bert.pooler.dense"}  # not every '.dense'
     with pytest.raises(ConfigError, match="names modules \\['encoder.dense'\\]"):
-        LoraSettings(lora=True, lora_target_modules="encoder.dense").apply(
+        LoraConfig(lora=True, lora_target_modules="encoder.dense").apply(
             build_model("tiny-bert", LABELS, 0))

@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification
 
 from client.local_training import LocalTraining
 from sepal.config import ConfigError, RunConfig
-from sepal.lora import LoraSettings
+from sepal.lora import LoraConfig
 from sepal.model import (
     MeanPoolingBertForSequenceClassification,
     ModelError,
@@ -20,7 +20,7 @@ from sepal.model import (
     get_weights,
     resolve_pooling,
 )
-from sepal.privacy import DPSGDSettings, EffectivePrivacy, SitePolicy
+from sepal.privacy import DPSGDConfig, EffectivePrivacy, SitePolicy
 from sepal.privacy.engine import ClientPrivacy, LocalPlan
 from sepal.task import NodeData, build_task_model
 from server.evaluation import ServerEvaluator
@@ -79,7 +79,7 @@ def test_head_only_trains_and_exchanges_the_classifier_alone(sst2):
     training = LocalTraining(cfg, NodeData(partition_id=0, num_partitions=1), LABELS,
                              torch.device("cpu"))
     encoder = {n: p.detach().clone() for n, p in training.model.bert.named_parameters()}
-    policy = EffectivePrivacy.combine(DPSGDSettings(dp_sgd=True), SitePolicy(), num_examples=64)
+    policy = EffectivePrivacy.combine(DPSGDConfig(dp_sgd=True), SitePolicy(), num_examples=64)
     privacy = ClientPrivacy.calibrated(policy, LocalPlan(64, 16, 1, 2))
     assert privacy.grad_sample_mode(training.model) == "hooks"
     training.run(initial, server_round=1, privacy=privacy)
@@ -95,7 +95,7 @@ def test_head_only_trains_and_exchanges_the_classifier_alone(sst2):
 def test_contradictory_or_unknown_model_choices_name_the_key():
     with pytest.raises(ConfigError, match="'trainable'.*'lora'"):
         build_task_model(RunConfig(model="tiny-bert", trainable="head"), LABELS,
-                         LoraSettings(lora=True))
+                         LoraConfig(lora=True))
     with pytest.raises(ConfigError, match="run config 'pooling'"):
         RunConfig.from_mapping({"pooling": "max"})
     with pytest.raises(ConfigError, match="run config 'trainable'"):

@@ -27,15 +27,15 @@ from opacus.accountants import RDPAccountant
 from sepal import wire
 from sepal.config import ConfigError, RunConfig
 from sepal.data import collate, make_loader
-from sepal.lora import LoraSettings
+from sepal.lora import LoraConfig
 from sepal.model import build_model, get_weights
 from sepal.privacy import (
-    DPSGDSettings,
+    DPSGDConfig,
     EffectivePrivacy,
     PrivacyLedger,
     PrivacyRefusal,
     SitePolicy,
-    UserLevelDPSettings,
+    UserLevelDPConfig,
     site_policy,
 )
 from sepal.privacy.engine import ClientPrivacy, LocalPlan, check_run_settings
@@ -52,6 +52,7 @@ RUN = {
     "batch-size": 16, "num-server-rounds": 3, "learning-rate": 1e-3, "seed": 42,
     "dp-sgd": True, "dp-target-epsilon": 8.0, "dp-delta": 1e-5,
 }
+DP = DPSGDConfig.from_mapping(RUN)
 NODE = {"partition-id": 0, "num-partitions": 2}
 LEDGER = PrivacyLedger("study-1")
 
@@ -104,7 +105,7 @@ def test_per_example_gradients_are_clipped_to_the_bound(lora):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0  # the per-example reference must see the same function
-    model = LoraSettings(lora=lora).apply(model).eval()  # as from_pretrained returns it
+    model = LoraConfig(lora=lora).apply(model).eval()  # as from_pretrained returns it
     bound = 0.05
     policy = EffectivePrivacy(target_epsilon=8.0, delta=1e-5, max_epsilon=None,
                               min_noise_multiplier=0.0, max_grad_norm=bound, accountant="rdp",
@@ -194,7 +195,7 @@ print(json.dumps({{**dict(reply.content["privacy"]), **dict(reply.content["metri
 
 
 def test_a_site_can_force_dp_and_only_tighten():
-    run = DPSGDSettings.from_run_config({"dp-sgd": False, "dp-delta": 1e-5,
+    run = DPSGDConfig.from_mapping({"dp-sgd": False, "dp-delta": 1e-5,
                                          "dp-simulated-site-policy": "0: dp-max-epsilon=1.0"})
     own = {"partition-id": 0, "dp-max-epsilon": 3.0, "dp-force": True, "dp-delta": 1e-6,
            "dp-min-noise-multiplier": 10.0, "dp-state-dir": "/var/lib/site/privacy"}
@@ -202,11 +203,11 @@ def test_a_site_can_force_dp_and_only_tighten():
     assert policy is not None  # forced on although the run has dp-sgd off
     assert policy.max_epsilon == 1.0 and policy.delta == 1e-6  # stricter of run and site
     assert policy.target_epsilon == 1.0  # a forced site calibrates to its own budget
-    loose = DPSGDSettings.from_run_config(
+    loose = DPSGDConfig.from_mapping(
         {"dp-sgd": True, "dp-simulated-site-policy": "0: dp-max-epsilon=50"})
     assert site_policy(own, loose).dp_max_epsilon == 3.0  # a run cannot loosen a site
-    assert EffectivePrivacy.combine(DPSGDSettings(), SitePolicy(), 80) is None
-    capped = EffectivePrivacy.combine(DPSGDSettings(), SitePolicy(dp_max_epsilon=2.0,
+    assert EffectivePrivacy.combine(DPSGDConfig(), SitePolicy(), 80) is None
+    capped = EffectivePrivacy.combine(DPSGDConfig(), SitePolicy(dp_max_epsilon=2.0,
                                                                   dp_state_dir="/x"), 80)
     assert capped is not None and capped.target_epsilon == 2.0  # a cap implies DP-SGD
     # the site's noise floor beats the run's calibration
@@ -224,17 +225,17 @@ def test_a_restarted_supernode_continues_from_its_state_dir(tmp_path):
     the site's ledger on disk instead of counting from zero; an unreadable ledger stops it."""
     cfg = RunConfig.from_mapping(RUN)
     node_config = {**NODE, "dp-state-dir": str(tmp_path / "privacy")}
-    first = ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(1))
+    first = ClientPrivacy.for_node(client_context(node_config), cfg, DP, 80, train_config(1))
     assert first.steps_taken == 5  # charged before training
     assert {p.name for p in (tmp_path / "privacy").iterdir()} - {"privacy-ledger.json.lock"} \
         == {"privacy-ledger.json"}
 
-    restarted = ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(2))
+    restarted = ClientPrivacy.for_node(client_context(node_config), cfg, DP, 80, train_config(2))
     assert restarted.steps_taken == 10 and restarted.noise_multiplier == first.noise_multiplier
     assert restarted.count == first.count
     (tmp_path / "privacy" / "privacy-ledger.json").write_text("{not json")
     with pytest.raises(PrivacyRefusal, match="'dp-state-dir'"):
-        ClientPrivacy.for_node(client_context(node_config), cfg, 80, train_config(3))
+        ClientPrivacy.for_node(client_context(node_config), cfg, DP, 80, train_config(3))
 
 
 def test_a_resumed_run_continues_the_ledger_from_the_state_dir(tmp_path):
@@ -260,7 +261,7 @@ def test_a_resumed_run_continues_the_ledger_from_the_state_dir(tmp_path):
     assert report["epsilon"] == pytest.approx(
         independent_epsilon(sigma, 0.2, 15, 1e-5, count_sigma=20.0), rel=1e-3)
     recalibrated = ClientPrivacy.calibrated(
-        EffectivePrivacy.combine(DPSGDSettings.from_run_config(RUN), SitePolicy(), 80),
+        EffectivePrivacy.combine(DPSGDConfig.from_mapping(RUN), SitePolicy(), 80),
         LocalPlan(80, 16, 1, 5))
     assert recalibrated.noise_multiplier > sigma  # what a recalibration would have used
 
@@ -279,10 +280,10 @@ def test_a_resumed_run_without_a_state_dir_is_refused_not_counted_from_zero(tmp_
 
     cfg = RunConfig.from_mapping(RUN)
     with pytest.raises(PrivacyRefusal, match="ledger-unavailable: the train config names no"):
-        ClientPrivacy.for_node(client_context(dict(NODE)), cfg, 80, ConfigRecord())
+        ClientPrivacy.for_node(client_context(dict(NODE)), cfg, DP, 80, ConfigRecord())
     # with a state dir the ledger holds everything the data spent: an empty one, nothing
     with_dir = client_context({**NODE, "dp-state-dir": str(tmp_path)}, run_id=2)
-    assert ClientPrivacy.for_node(with_dir, cfg, 80, train_config(3, resumed)).steps_taken == 5
+    assert ClientPrivacy.for_node(with_dir, cfg, DP, 80, train_config(3, resumed)).steps_taken == 5
 
 
 @pytest.mark.parametrize("run_config, node_config, key", [
@@ -314,8 +315,8 @@ def test_a_resumed_run_without_a_state_dir_is_refused_not_counted_from_zero(tmp_
 ])
 def test_impossible_settings_name_the_setting(run_config, node_config, key):
     with pytest.raises(ConfigError) as err:
-        run = DPSGDSettings.from_run_config(run_config)
-        UserLevelDPSettings.from_run_config(run_config)
+        run = DPSGDConfig.from_mapping(run_config)
+        UserLevelDPConfig.from_mapping(run_config)
         site_policy(node_config, run)
     assert key in str(err.value)
 
@@ -324,10 +325,10 @@ def test_server_start_up_rejects_delta_and_budget_no_client_can_meet():
     cfg = RunConfig.from_mapping(RUN)
     with pytest.raises(ConfigError,
                        match=r"run config 'dp-delta' 0.01 must be below 1/n = 0.00625"):
-        check_run_settings(DPSGDSettings(dp_sgd=True, dp_delta=0.01), cfg, 160)
+        check_run_settings(DPSGDConfig(dp_sgd=True, dp_delta=0.01), cfg, 160)
     with pytest.raises(ConfigError,
                        match="'dp-target-epsilon' 1e-09 is too small for even one step"):
-        check_run_settings(DPSGDSettings(dp_sgd=True, dp_target_epsilon=1e-9), cfg, 160)
+        check_run_settings(DPSGDConfig(dp_sgd=True, dp_target_epsilon=1e-9), cfg, 160)
 
 
 @pytest.mark.parametrize("run_config, node_config, fragment", [
@@ -365,7 +366,7 @@ def test_without_noise_or_clipping_a_dp_step_is_the_plain_gradient(lora):
     torch.manual_seed(0)
     model = build_model("tiny-bert", LABELS, 0)
     if lora:
-        model = LoraSettings(lora=True, lora_r=2).apply(model)
+        model = LoraConfig(lora=True, lora_r=2).apply(model)
     model.train()
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sepal import wire
 from sepal.config import RunConfig
 from sepal.privacy import PrivacyLedger, PrivacyRefusal
-from sepal.privacy.config import EffectivePrivacy
+from sepal.privacy.config import DPSGDConfig, EffectivePrivacy
 from sepal.privacy.engine import ClientPrivacy, LocalPlan, _noisy_count
 from sepal.privacy.site_ledger import LEDGER_FILE, DatasetIdentity, SiteLedger
 from tests.conftest import PROJECT_ROOT
@@ -35,6 +35,7 @@ from tests.torch_threads import one_torch_thread  # noqa: F401 (autouse)
 
 CAP = 3.0
 CFG = RunConfig.from_mapping(RUN)
+DP = DPSGDConfig.from_mapping(RUN)
 
 
 def capped_node(state_dir: Path, **extra) -> dict:
@@ -44,8 +45,8 @@ def capped_node(state_dir: Path, **extra) -> dict:
 def round_of(node_config: dict, run: str, server_round: int, run_id: int = 1,
              state: RecordDict | None = None, **run_config) -> ClientPrivacy:
     context = client_context(node_config, state, run_id=run_id, **run_config)
-    return ClientPrivacy.for_node(context, CFG, 80, train_config(server_round,
-                                                                 PrivacyLedger(run)))
+    return ClientPrivacy.for_node(context, CFG, DPSGDConfig.from_mapping(context.run_config),
+                                  80, train_config(server_round, PrivacyLedger(run)))
 
 
 def exhaust(node_config: dict, run: str, run_id: int = 1) -> list[float]:
@@ -158,8 +159,8 @@ def test_the_run_cannot_choose_a_sites_epsilon_or_delta(tmp_path):
                           **{"dp-delta": 1e-3})
     assert site_delta.policy.delta == 1e-6
     assert round_of(capped_node(tmp_path / "d"), "r", 1).policy.delta == 1e-5
-    small = ClientPrivacy.for_node(client_context(capped_node(tmp_path / "e")), CFG, 20_000,
-                                   train_config(1))
+    small = ClientPrivacy.for_node(client_context(capped_node(tmp_path / "e")), CFG, DP,
+                                   20_000, train_config(1))
     assert small.policy.delta == 1 / 200_000  # 1/(10 n) below 1e-5
 
 
@@ -255,13 +256,13 @@ def test_user_level_sensitivity_holds_after_the_uploads_rounding():
 
     from sepal.codecs import build_codec, decode_upload
     from sepal.config import ConfigError
-    from sepal.privacy import UserLevelDPSettings, clip_update
+    from sepal.privacy import UserLevelDPConfig, clip_update
     from sepal.privacy.user_level import Rounding
     from sepal.secagg.config import SecAggConfig
 
     rng = np.random.default_rng(0)
     shapes = {"a": (300, 40), "b": (500,)}
-    settings = UserLevelDPSettings(user_dp="client-fixed")
+    settings = UserLevelDPConfig(user_dp="client-fixed")
     config = ConfigRecord({KEY_CLIPPING_NORM: 1.0})
 
     def uploaded_norm(rounding: Rounding) -> float:

@@ -99,7 +99,7 @@ def test_each_institution_gets_its_node_config_and_exact_command(tmp_path):
                       "secagg-identity": str(folder / "secagg-identity.key"),
                       "secagg-roster": str(folder / "secagg-roster.toml")}
     # the identity signs; every institution's roster pins the same verification keys
-    identity = SitePolicy.from_node_config(config).identity()
+    identity = SitePolicy.from_mapping(config).identity()
     assert identity.name == "hospital-a" and _mode(folder / "secagg-identity.key") == 0o600
     rosters = {(fed / f"institutions/{n}/secagg-roster.toml").read_text()
                for n in ("hospital-a", "clinic-b")}

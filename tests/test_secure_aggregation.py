@@ -37,7 +37,7 @@ from sepal.secagg.protocol import (
     UNMASK,
     message_type,
 )
-from sepal.privacy import UserLevelDPSettings
+from sepal.privacy import UserLevelDPConfig
 from sepal.privacy.refusal import BUDGET_EXHAUSTED, PrivacyRefusal, Refusal
 from server.central_dp import wrap_with_user_level_dp
 from server.secure_aggregation import (
@@ -323,7 +323,7 @@ def test_user_level_dp_noise_goes_on_the_unweighted_secure_mean():
     cfg = RunConfig(min_train_nodes=2, min_available_nodes=6, round_timeout=60)
     strategy = wrap_with_user_level_dp(
         FedAvg(min_available_nodes=6, min_train_nodes=6),
-        UserLevelDPSettings.from_run_config(fed.run_config), fed.grid, cfg)
+        UserLevelDPConfig.from_mapping(fed.run_config), fed.grid, cfg)
     federation = SecureFederation(fed.grid, strategy, cfg, ["negative", "positive"], None, None,
                                   train_config={"upload-codec": "dense"}, secagg=fed.config,
                                   user_dp=True)

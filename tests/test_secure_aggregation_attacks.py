@@ -40,7 +40,8 @@ from sepal.secagg.protocol import (
 )
 from sepal import wire
 from server.secure_aggregation import SecureFederation
-from server.validation import UpdateValidator, ValidationConfig
+from sepal.validation_config import ValidationConfig
+from server.validation import UpdateValidator
 from tests.test_secure_aggregation import SHAPES, Federation5
 
 

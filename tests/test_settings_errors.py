@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from sepal.codecs import CompressionConfig
-from sepal.config import ConfigError, RunConfig, check_declared_keys
+from sepal.config import ConfigError, RunConfig
 from sepal.model import ModelError, resolve_device
 from sepal.secagg.config import SecAggConfig
-from server.validation import ValidationConfig
-from simulations.run import app_defaults
-from strategies import StrategyConfig
+from sepal.settings import Settings
+from sepal.strategy_config import StrategyConfig
+from sepal.validation_config import ValidationConfig
 
 CASES = [
     (RunConfig, {"num-server-rounds": float("inf")}, "num-server-rounds"),
@@ -55,5 +55,5 @@ def test_a_node_device_outside_auto_cpu_cuda_is_refused():
 def test_a_key_flower_would_refuse_is_named_with_the_closest_setting():
     with pytest.raises(ConfigError, match=r"'num-server-round' \(did you mean "
                                           r"'num-server-rounds'\?\)"):
-        check_declared_keys({"num-server-round": 3, "seed": 1}, app_defaults())
-    check_declared_keys({"num-server-rounds": 3}, app_defaults())
+        Settings.from_mapping({"num-server-round": 3, "seed": 1})
+    assert Settings.from_mapping({"num-server-rounds": 3}).run.num_server_rounds == 3

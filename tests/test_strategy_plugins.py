@@ -13,8 +13,8 @@ from flwr.serverapp.strategy import FedAdam, FedProx, Krum
 from sepal.config import ConfigError
 from server.app import serve
 from server.checkpoint import read_checkpoint
+from sepal.strategy_config import StrategyConfig
 from strategies import (
-    StrategyConfig,
     StrategyError,
     available_strategies,
     build_strategy,
@@ -31,7 +31,7 @@ from strategies.compatibility import (
     active_wrappers,
     check_composition,
 )
-from strategies.config import parse_params
+from sepal.strategy_config import parse_params
 from testing.grid import app_run_config, sepal_grid, server_context
 from tests.conftest import PROJECT_ROOT, read_metrics
 from tests.inprocess_grid import TINY_INPROCESS, run_inprocess

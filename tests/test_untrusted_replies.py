@@ -17,7 +17,8 @@ from sepal import wire
 from sepal.codecs.varint import encode_varints
 from server.federation import Federation
 from server.uploads import decode_replies
-from server.validation import UpdateValidator, ValidationConfig
+from sepal.validation_config import ValidationConfig
+from server.validation import UpdateValidator
 from tests.fuzz_replies import GLOBAL, MODEL_BYTES, as_reply, npy_claiming, reply_content
 
 ATTACKER = 3

@@ -15,7 +15,8 @@ from sepal.codecs import DenseCodec
 from sepal.config import ConfigError
 from server.checkpoint import read_checkpoint
 from server.uploads import decode_replies
-from server.validation import UpdateValidator, ValidationConfig
+from sepal.validation_config import ValidationConfig
+from server.validation import UpdateValidator
 from testing.attacks import not_a_number, poisoned, scaled
 from tests.conftest import read_metrics
 from tests.inprocess_grid import run_inprocess

@@ -8,10 +8,10 @@ needs torch and Opacus, is imported from ``sepal.privacy.engine``.
 """
 
 from sepal.privacy.config import (
-    DPSGDSettings,
+    DPSGDConfig,
     EffectivePrivacy,
     SitePolicy,
-    UserLevelDPSettings,
+    UserLevelDPConfig,
     site_policy,
 )
 from sepal.privacy.ledger import PrivacyLedger
@@ -19,13 +19,13 @@ from sepal.privacy.refusal import PrivacyRefusal, Refusal
 from sepal.privacy.user_level import clip_update
 
 __all__ = [
-    "DPSGDSettings",
+    "DPSGDConfig",
     "EffectivePrivacy",
     "PrivacyLedger",
     "PrivacyRefusal",
     "Refusal",
     "SitePolicy",
-    "UserLevelDPSettings",
+    "UserLevelDPConfig",
     "clip_update",
     "site_policy",
 ]

@@ -2,8 +2,8 @@
 the institution that runs a SuperNode).
 
 Run config (``[tool.flwr.app.config]``, ``flwr run --run-config``):
-    :class:`DPSGDSettings`       sample-level DP-SGD on every client (Opacus)
-    :class:`UserLevelDPSettings` user-level DP on the aggregate (Flower's central-DP wrappers)
+    :class:`DPSGDConfig`       sample-level DP-SGD on every client (Opacus)
+    :class:`UserLevelDPConfig` user-level DP on the aggregate (Flower's central-DP wrappers)
 Node config (``flower-supernode --node-config``):
     :class:`SitePolicy`          the institution's limits, which a run can only tighten
 
@@ -34,7 +34,7 @@ SAMPLE_NEIGHBOURS = "add/remove one training example of the site"
 
 
 @dataclasses.dataclass(frozen=True)
-class DPSGDSettings:
+class DPSGDConfig:
     """Sample-level DP-SGD, run side.
 
     ``dp-target-epsilon`` is the ε each client reaches at ``dp-delta`` after the whole planned
@@ -72,7 +72,7 @@ class DPSGDSettings:
                 "policy."})
 
     @classmethod
-    def from_run_config(cls, values: Mapping[str, Any]) -> DPSGDSettings:
+    def from_mapping(cls, values: Mapping[str, Any]) -> DPSGDConfig:
         return parse_section(cls, values)
 
     def validate(self) -> None:
@@ -187,7 +187,7 @@ class SitePolicy:
         )
 
 
-def site_policy(node_config: Mapping[str, Any], run: DPSGDSettings) -> SitePolicy:
+def site_policy(node_config: Mapping[str, Any], run: DPSGDConfig) -> SitePolicy:
     """This node's policy: its node config, tightened by a simulated policy for its partition.
 
     A ``dp-`` key that is not a policy key, or a policy key without its ``dp-`` prefix, is
@@ -220,7 +220,7 @@ class EffectivePrivacy:
     count_noise_multiplier: float = SitePolicy.dp_count_noise_multiplier
 
     @classmethod
-    def combine(cls, run: DPSGDSettings, site: SitePolicy,
+    def combine(cls, run: DPSGDConfig, site: SitePolicy,
                 num_examples: int) -> EffectivePrivacy | None:
         """None when neither the run nor the site asks for DP-SGD.
 
@@ -267,7 +267,7 @@ def default_site_delta(num_examples: int) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class UserLevelDPSettings:
+class UserLevelDPConfig:
     """User-level (client-level) DP on the aggregate with Flower's central-DP wrappers.
 
     ``user-dp``: ``off``, or ``{server,client}-{fixed,adaptive}`` = which side clips each
@@ -296,7 +296,7 @@ class UserLevelDPSettings:
         "help": "Delta of the user-level guarantee; must be below 1 / number of sites."})
 
     @classmethod
-    def from_run_config(cls, values: Mapping[str, Any]) -> UserLevelDPSettings:
+    def from_mapping(cls, values: Mapping[str, Any]) -> UserLevelDPConfig:
         return parse_section(cls, values)
 
     @property

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from sepal.config import ConfigError, RunConfig
 from sepal.optim import HEAD_MARKER
-from sepal.privacy.config import SAMPLE_NEIGHBOURS, DPSGDSettings, EffectivePrivacy, site_policy
+from sepal.privacy.config import SAMPLE_NEIGHBOURS, DPSGDConfig, EffectivePrivacy, site_policy
 from sepal.privacy.ledger import PrivacyLedger
 from sepal.privacy.refusal import (
     BUDGET_EXHAUSTED,
@@ -108,10 +108,11 @@ class ClientPrivacy:
     # -- life cycle ---------------------------------------------------------------------
 
     @classmethod
-    def for_node(cls, context: Context, cfg: RunConfig, num_examples: int,
+    def for_node(cls, context: Context, cfg: RunConfig, run: DPSGDConfig, num_examples: int,
                  train_config: Mapping[str, Any]) -> ClientPrivacy | None:
         """This node's DP-SGD for the round, charged to its ledger; None when neither run
-        nor site asks for DP-SGD.
+        nor site asks for DP-SGD. ``run``: the run's DP-SGD section; the site's policy
+        comes from ``context``'s node config.
 
         Continues the noise multiplier the run (named by the server's ``privacy-ledger``
         in ``train_config``) calibrated at its first round, never recalibrated. Raises
@@ -120,7 +121,6 @@ class ClientPrivacy:
         whose spent ε this site cannot know.
         """
         try:
-            run = DPSGDSettings.from_run_config(context.run_config)
             policy = EffectivePrivacy.combine(run, site_policy(context.node_config, run),
                                               num_examples)
             if policy is None:
@@ -372,7 +372,7 @@ def calibrate_noise(target_epsilon: float, delta: float, plan: LocalPlan, accoun
     return high
 
 
-def check_run_settings(settings: DPSGDSettings, cfg: RunConfig, num_train_examples: int) -> None:
+def check_run_settings(settings: DPSGDConfig, cfg: RunConfig, num_train_examples: int) -> None:
     """Server start-up: settings that no client can satisfy stop the run here.
 
     Checked against the whole training set, the most favourable case (every client holds a
@@ -401,7 +401,7 @@ def _account(context: Context, cfg: RunConfig, policy: EffectivePrivacy,
     it refuses rather than count from zero.
     """
     if policy.state_dir:
-        dataset = _dataset_identity(cfg, NodeData.from_node_config(context.node_config))
+        dataset = _dataset_identity(cfg, NodeData.from_mapping(context.node_config))
         with SiteLedger(Path(policy.state_dir)).account(dataset) as account:
             yield account
         context.state[STATE_KEY] = _account_record(account)

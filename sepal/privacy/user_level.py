@@ -29,7 +29,7 @@ from flwr.supercore.differential_privacy import (
 
 from sepal.codecs.chain import parse_chain
 from sepal.config import require
-from sepal.privacy.config import UserLevelDPSettings
+from sepal.privacy.config import UserLevelDPConfig
 from sepal.secagg.config import SecAggConfig
 
 
@@ -85,7 +85,7 @@ class Rounding:
 
 
 def clip_update(update: OrderedDict[str, np.ndarray], config: ConfigRecord,
-                settings: UserLevelDPSettings, rounding: Rounding = Rounding()) -> dict[str, int]:
+                settings: UserLevelDPConfig, rounding: Rounding = Rounding()) -> dict[str, int]:
     """Clip ``update`` in place to the server's clipping norm, less what ``rounding`` can
     add; returns metrics to add (the norm bit, 1 when clipped, for adaptive clipping)."""
     if not (settings.enabled and settings.client_side):

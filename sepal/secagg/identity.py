@@ -82,7 +82,7 @@ class SitePolicy:
                     "ceil(c log2 n)) for the n clients announced at setup."})
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
+    def from_mapping(cls, node_config: Mapping[str, Any]) -> SitePolicy:
         try:
             return parse_section(cls, node_config, source="node config")
         except ConfigError as err:

@@ -406,10 +406,11 @@ class SecureAggregation:
     def consistency(self, state: _RoundState, result: SecureRound) -> None:
         """Show every survivor the survivor set S; collect each one's signature on it."""
         survivors = list(state.active)
+        shown = ConfigRecord({"survivors": survivors})  # one record for all: checked once
         outgoing = []
         for node in survivors:
             content = RecordDict({HEADER_KEY: state.tag.header(CONSISTENCY),
-                                  CONSISTENCY_KEY: ConfigRecord({"survivors": survivors})})
+                                  CONSISTENCY_KEY: shown})
             outgoing.append(self._message(state, node, CONSISTENCY, content))
 
         def read(node: int, reply: Message) -> None:
@@ -426,6 +427,8 @@ class SecureAggregation:
     def unmask(self, state: _RoundState, result: SecureRound) -> None:
         """Collect shares; remove the survivors' self masks and the dropped' pairwise masks."""
         survivors, dropped = set(state.active), set(state.dropped)
+        survivor_set = None if self.config.secagg_authenticated else \
+            ConfigRecord({"survivors": state.active})  # one record for all: checked once
         outgoing = []
         for node in state.unmaskers or state.active:
             if self.config.secagg_authenticated:
@@ -435,7 +438,7 @@ class SecureAggregation:
                     "signers": signers,
                     "signatures": [state.survivor_signatures[n] for n in signers]})
             else:
-                record = ConfigRecord({"survivors": state.active})
+                record = survivor_set
             content = RecordDict({HEADER_KEY: state.tag.header(UNMASK), UNMASK_KEY: record})
             outgoing.append(self._message(state, node, UNMASK, content))
         seed_shares: dict[int, dict[int, bytes]] = {n: {} for n in survivors}

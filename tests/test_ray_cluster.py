@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def ray_head(tmp_path):
     processes = ProcessGroup(tmp_path / "ray-logs")
     try:
         processes.start("ray-head", [
-            shutil.which("ray") or "ray", "start", "--head", "--block",
+            sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
             "--node-ip-address=127.0.0.1", f"--port={gcs_port}", "--num-cpus=2",
             "--disable-usage-stats", "--object-store-memory=80000000",
             f"--temp-dir={temp_dir}", "--include-dashboard=false", "--dashboard-host=127.0.0.1",

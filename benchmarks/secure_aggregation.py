@@ -120,6 +120,30 @@ def run_sepal(params: int, clients: int, update, config: SecAggConfig, folder: P
             **timing(grid, total, clients)}
 
 
+def scale_rows(sites: list[int], parameters: int) -> list[dict]:
+    """One authenticated round (the defaults of ``SecAggConfig``) per site count.
+
+    Keys: sites, parameters, client_s (mean CPU seconds of one client over the round),
+    server_s (the server's CPU seconds), bytes_up_per_client, bytes_down_per_client
+    (mean serialized bytes) and round_s (the latency: server + the slowest client of
+    every stage).
+    """
+    update = model_update(parameters)
+    config = SecAggConfig(secure_aggregation=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for count in sites:
+            row = run_sepal(parameters, count, update, config,
+                            Path(tempfile.mkdtemp(dir=scratch)))
+            rows.append({"sites": count, "parameters": parameters,
+                         "client_s": float(row["client"]), "server_s": float(row["server"]),
+                         "bytes_up_per_client": float(row["up"]),
+                         "bytes_down_per_client": float(row["down"]),
+                         "round_s": float(row["latency"])})
+            gc.collect()
+    return rows
+
+
 def run_flower(params: int, clients: int, update, shares: int, threshold: int) -> dict:
     from flwr.client import NumPyClient
     from flwr.client.mod import secaggplus_mod

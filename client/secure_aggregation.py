@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -43,6 +44,7 @@ from sepal.secagg.identity import (
     SIGNATURE_BYTES,
     SitePolicy,
     keys_statement,
+    survivors_digest,
     survivors_statement,
 )
 from sepal.secagg.keys import KeyPair, agree, check_public_key, derive
@@ -164,10 +166,11 @@ def share_keys(msg: Message, context: Context) -> Message:
     seed_shares = shamir.split(seed, threshold, len(nodes))
     key_shares = shamir.split(state["mask-private"], threshold, len(nodes))
     recipients, envelopes = [], []
+    envelope_private = X25519PrivateKey.from_private_bytes(state["envelope-private"])
     for index, node in enumerate(nodes):
         if node == me:
             continue
-        key = agree(state["envelope-private"], envelope_keys[index], ENVELOPE_KEY, tag.context)
+        key = agree(envelope_private, envelope_keys[index], ENVELOPE_KEY, tag.context)
         associated = envelope.associated_data(tag.context, SHARE_KEYS, me, node)
         recipients.append(node)
         envelopes.append(envelope.seal(key, seed_shares[index] + key_shares[index], associated))
@@ -201,10 +204,10 @@ def masked_input(msg: Message, context: Context, train: TrainHandler) -> Message
     owners, seed_shares, key_shares = list(state["share-owners"]), list(state["seed-shares"]), \
         list(state["key-shares"])
     bad = []
+    envelope_private = X25519PrivateKey.from_private_bytes(state["envelope-private"])
     for sender, sealed in zip(senders, envelopes):
         index = nodes.index(sender)
-        key = agree(state["envelope-private"], state["envelope-keys"][index], ENVELOPE_KEY,
-                    tag.context)
+        key = agree(envelope_private, state["envelope-keys"][index], ENVELOPE_KEY, tag.context)
         try:
             plain = envelope.open_envelope(
                 key, sealed, envelope.associated_data(tag.context, SHARE_KEYS, sender, me))
@@ -228,9 +231,10 @@ def masked_input(msg: Message, context: Context, train: TrainHandler) -> Message
     values, scalars = _encoded_update(msg, context, reply, state["sum-bits"])
     masks = VectorMasks(values.size, state["sum-bits"], len(SCALARS))
     masks.add(values, scalars, derive(state["seed"], SELF_MASK, tag.context))
+    mask_private = X25519PrivateKey.from_private_bytes(state["mask-private"])
     for sender in senders:  # every sender the server forwarded, as the server will assume
         peer = state["mask-keys"][nodes.index(sender)]
-        masks.add(values, scalars, agree(state["mask-private"], peer, PAIR_MASK, tag.context),
+        masks.add(values, scalars, agree(mask_private, peer, PAIR_MASK, tag.context),
                   pair_sign(me, sender))
     fixed_bits = state["sum-bits"]
     if fixed_bits < 8 * values.itemsize:
@@ -251,7 +255,8 @@ def consistency(msg: Message, context: Context) -> Message:
     survivors = config_field(msg.content, CONSISTENCY_KEY, "survivors", list, int)
     _check_survivors(state, survivors)
     identity = SitePolicy.from_mapping(context.node_config).identity()
-    signature = identity.sign(survivors_statement(tag.context, state["node"], survivors))
+    signature = identity.sign(survivors_statement(tag.context, state["node"],
+                                                  survivors_digest(survivors)))
     state.update({"stage": CONSISTENCY, "survivors": survivors})
     return _reply(msg, tag, CONSISTENCY,
                   {CONSISTENCY_KEY: ConfigRecord({"signature": signature})})
@@ -369,13 +374,14 @@ def _check_consistency(msg: Message, context: Context, tag: RoundTag, state: Con
         raise SecAggError("signers and signatures do not pair up one to one")
     roster = SitePolicy.from_mapping(context.node_config).identity().roster
     nodes, me = list(state["nodes"]), state["node"]
+    digest, survived = survivors_digest(survivors), set(survivors)
     valid, refused = {me}, []
     for node, signature in zip(signers, signatures):
-        if node in valid or node not in nodes or node not in survivors:
+        if node in valid or node not in nodes or node not in survived:
             continue
         try:
             roster.verify(node, state["institutions"][nodes.index(node)], signature,
-                          survivors_statement(tag.context, node, survivors), "survivor set")
+                          survivors_statement(tag.context, node, digest), "survivor set")
         except SecAggError as err:
             refused.append(str(err))
             continue

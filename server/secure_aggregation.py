@@ -126,6 +126,8 @@ class _RoundState:
     threshold: int
     active: list[int]
     neighbours: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    # node -> {member of its neighbourhood (itself included): that member's share index}
+    hoods: dict[int, dict[int, int]] = dataclasses.field(default_factory=dict)
     keys: dict[int, tuple[bytes, bytes]] = dataclasses.field(default_factory=dict)
     signed_keys: dict[int, tuple[str, bytes]] = dataclasses.field(default_factory=dict)
     survivor_signatures: dict[int, bytes] = dataclasses.field(default_factory=dict)
@@ -218,6 +220,9 @@ class SecureAggregation:
         self._require(state, len(state.active), "setup")
         state.k = graph.neighbour_count(len(state.active), state.k)
         state.neighbours = graph.build_graph(state.active, state.k)
+        state.hoods = {node: {member: index for index, member in
+                              enumerate(sorted([node, *neighbours]), start=1)}
+                       for node, neighbours in state.neighbours.items()}
 
     def share_keys(self, state: _RoundState, result: SecureRound) -> None:
         """Send each client its neighbours' keys; collect the envelopes of its shares."""
@@ -316,7 +321,7 @@ class SecureAggregation:
         self._require(state, len(survivors), "masked-input")
         state.dropped = [node for node in state.active if node not in inputs]
         for node in survivors + state.dropped:
-            holders = set(self._neighbourhood(state, node)) & set(survivors)
+            holders = [member for member in state.hoods[node] if member in inputs]
             if len(holders) < state.threshold and (node in inputs or holders):
                 raise RoundAborted(f"only {len(holders)} survivor(s) hold shares of node {node} "
                                    f"< threshold {state.threshold}")
@@ -331,10 +336,11 @@ class SecureAggregation:
     def consistency(self, state: _RoundState, result: SecureRound) -> None:
         """Show every survivor the survivor set S; collect each one's signature on it."""
         survivors = list(state.active)
+        shown = ConfigRecord({"survivors": survivors})  # one record for all: checked once
         outgoing = []
         for node in survivors:
             content = RecordDict({HEADER_KEY: state.tag.header(CONSISTENCY),
-                                  CONSISTENCY_KEY: ConfigRecord({"survivors": survivors})})
+                                  CONSISTENCY_KEY: shown})
             outgoing.append(self._message(state, node, CONSISTENCY, content))
 
         def read(node: int, reply: Message) -> None:
@@ -351,6 +357,8 @@ class SecureAggregation:
     def unmask(self, state: _RoundState, result: SecureRound) -> None:
         """Collect shares; remove the survivors' self masks and the dropped' pairwise masks."""
         survivors, dropped = set(state.active), set(state.dropped)
+        survivor_set = None if self.config.secagg_authenticated else \
+            ConfigRecord({"survivors": state.active})  # one record for all: checked once
         outgoing = []
         for node in state.unmaskers or state.active:
             if self.config.secagg_authenticated:
@@ -360,7 +368,7 @@ class SecureAggregation:
                     "signers": signers,
                     "signatures": [state.survivor_signatures[n] for n in signers]})
             else:
-                record = ConfigRecord({"survivors": state.active})
+                record = survivor_set
             content = RecordDict({HEADER_KEY: state.tag.header(UNMASK), UNMASK_KEY: record})
             outgoing.append(self._message(state, node, UNMASK, content))
         seed_shares: dict[int, dict[int, bytes]] = {n: {} for n in survivors}
@@ -492,13 +500,14 @@ class SecureAggregation:
                        group_id=str(state.tag.server_round))
 
     def _neighbourhood(self, state: _RoundState, node: int) -> list[int]:
-        return sorted([node, *state.neighbours[node]])
+        return list(state.hoods[node])
 
     def _share_from(self, state: _RoundState, owner: int, holder: int, share: bytes) -> bool:
         """A share is usable if it is the point of ``holder``'s position in ``owner``'s list."""
-        hood = self._neighbourhood(state, owner)
-        return (holder in hood and isinstance(share, bytes) and len(share) == shamir.SHARE_BYTES
-                and int.from_bytes(share[: shamir.X_BYTES], "big") == hood.index(holder) + 1)
+        index = state.hoods[owner].get(holder)
+        return (index is not None and isinstance(share, bytes)
+                and len(share) == shamir.SHARE_BYTES
+                and int.from_bytes(share[: shamir.X_BYTES], "big") == index)
 
     def _reconstruct(self, state: _RoundState, result: SecureRound, owner: int,
                      shares: dict[int, bytes], what: str,

@@ -51,6 +51,7 @@ from sepal.secagg.errors import SecAggError
 from sepal.secagg.graph import as_fraction
 
 SIGNATURE_BYTES = 64
+VERIFICATION_KEY_BYTES = 32
 STATEMENT_LABEL = b"sepal-secagg/v1/signed/"
 IDENTITY_FILE = "secagg-identity.key"
 ROSTER_FILE = "secagg-roster.toml"
@@ -136,10 +137,12 @@ class Roster:
         for name, encoded in table.items():
             try:
                 key = base64.b64decode(encoded, validate=True)
-                Ed25519PublicKey.from_public_bytes(key)
             except (TypeError, ValueError) as err:
                 raise SecAggError(f"roster {path}: key of '{name}' is not a base64 Ed25519 "
                                   f"key: {err}") from None
+            if len(key) != VERIFICATION_KEY_BYTES:  # OpenSSL checks no more of a raw key
+                raise SecAggError(f"roster {path}: key of '{name}' is {len(key)} bytes, not a "
+                                  f"{VERIFICATION_KEY_BYTES}-byte Ed25519 key")
             keys[name] = key
         return cls(keys)
 
@@ -181,9 +184,14 @@ def keys_statement(context: bytes, node: int, institution: str, envelope_key: by
     return _statement(context, b"setup", node, institution.encode(), envelope_key, mask_key)
 
 
-def survivors_statement(context: bytes, node: int, survivors: list[int]) -> bytes:
-    """What a client signs at the consistency stage: the survivor set it was shown."""
-    digest = hashlib.sha256(",".join(map(str, survivors)).encode()).digest()
+def survivors_digest(survivors: list[int]) -> bytes:
+    """SHA-256 of a survivor set, computed once for the statements of all its signers."""
+    return hashlib.sha256(",".join(map(str, survivors)).encode()).digest()
+
+
+def survivors_statement(context: bytes, node: int, digest: bytes) -> bytes:
+    """What a client signs at the consistency stage: the survivor set it was shown, as
+    :func:`survivors_digest`."""
     return _statement(context, b"consistency", node, digest)
 
 
@@ -227,9 +235,9 @@ def _mtime(path: str) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _load_identity(key_path: str, roster_path: str, _key_mtime: int,
-                   _roster_mtime: int) -> Identity:
+                   roster_mtime: int) -> Identity:
     """Loaded once per file version (a SuperNode may run many ClientApps in one process)."""
-    key, roster = load_signing_key(key_path), Roster.load(roster_path)
+    key, roster = load_signing_key(key_path), _load_roster(roster_path, roster_mtime)
     public = verification_key(key)
     names = [name for name, pinned in roster.keys.items() if pinned == public]
     if len(names) != 1:
@@ -237,6 +245,12 @@ def _load_identity(key_path: str, roster_path: str, _key_mtime: int,
                           f"{'not in' if not names else 'listed twice in'} the roster "
                           f"{roster_path}")
     return Identity(names[0], key, roster)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_roster(path: str, _mtime: int) -> Roster:
+    """One parse per roster version, shared by the identities of the sites of one host."""
+    return Roster.load(path)
 
 
 def issue_identities(folder: Path, names: list[str],

@@ -52,15 +52,19 @@ def check_public_key(public: bytes, owner: str) -> None:
         raise SecAggError(f"public key of {owner} must be {KEY_BYTES} bytes")
 
 
-def agree(private: bytes, peer_public: bytes, purpose: bytes, context: bytes) -> bytes:
+def agree(private: bytes | X25519PrivateKey, peer_public: bytes, purpose: bytes,
+          context: bytes) -> bytes:
     """HKDF-SHA256(X25519(private, peer_public)) for ``purpose`` within ``context``.
 
     Symmetric: both ends of a pair derive the same key. A peer key that yields the
-    all-zero agreement (a small-order point) is refused by ``cryptography``.
+    all-zero agreement (a small-order point) is refused by ``cryptography``. Loading
+    the private key costs as much as the agreement: a caller agreeing with many peers
+    passes it loaded (``X25519PrivateKey.from_private_bytes``).
     """
+    if isinstance(private, bytes):
+        private = X25519PrivateKey.from_private_bytes(private)
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public))
+        shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as err:
         raise SecAggError(f"X25519 agreement failed: {err}") from err
     return HKDF(hashes.SHA256(), KEY_BYTES, salt=None,

@@ -15,6 +15,7 @@ Lagrange interpolation, fewer reveal nothing about it.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 from collections.abc import Callable, Mapping
 
@@ -53,7 +54,7 @@ def combine(shares: list[bytes], threshold: int) -> bytes:
     points = [_parse(share) for share in shares[:threshold]]
     if len({x for x, _ in points}) != len(points):
         raise SecAggError("two shares have the same index")
-    secret = _evaluate(points, 0)
+    secret = _Polynomial(points)(0)
     if secret >= 2 ** (8 * SECRET_BYTES):
         raise SecAggError("the shares are inconsistent: they do not interpolate to a "
                           f"{SECRET_BYTES}-byte secret")
@@ -92,30 +93,51 @@ def robust_combine(shares: Mapping[int, bytes], threshold: int,
                 raise SecAggError(f"no {threshold} of the {len(holders)} shares checked out in "
                                   f"{max_subsets} tries")
             tried.add(subset)
-            chosen = [points[h] for h in subset]
-            value = _evaluate(chosen, 0)
+            polynomial = _Polynomial([points[h] for h in subset])
+            value = polynomial(0)
             if value >= 2 ** (8 * SECRET_BYTES):
                 continue
             secret = value.to_bytes(SECRET_BYTES, "big")
             if accept(secret):
                 bad = [h for h in holders if h not in subset
-                       and _evaluate(chosen, points[h][0]) != points[h][1]]
+                       and polynomial(points[h][0]) != points[h][1]]
                 return secret, sorted(bad + unreadable)
     raise SecAggError(f"no {threshold} of the {len(shares)} shares give the committed secret: "
                       f"more than {len(shares) - threshold} of them are wrong")
 
 
-def _evaluate(points: list[tuple[int, int]], at: int) -> int:
-    """f(at) for the polynomial of degree len(points) - 1 through ``points`` (Lagrange)."""
-    total = 0
-    for i, (x_i, y_i) in enumerate(points):
-        numerator, denominator = 1, 1
-        for j, (x_j, _) in enumerate(points):
-            if j != i:
-                numerator = numerator * (x_j - at) % PRIME
-                denominator = denominator * (x_j - x_i) % PRIME
-        total = (total + y_i * numerator * pow(denominator, -1, PRIME)) % PRIME
-    return total
+class _Polynomial:
+    """The polynomial of degree len(points) - 1 through ``points``, in Lagrange form:
+    f(x) = sum_i c_i prod_(j != i) (x - x_j) with c_i = y_i / prod_(j != i) (x_i - x_j).
+
+    The share indices are small integers, so the products are exact integers and the
+    c_i need one modular inversion for all of them; every evaluation is then O(t).
+    """
+
+    def __init__(self, points: list[tuple[int, int]]):
+        self.xs = [x for x, _ in points]
+        self.ys = [y for _, y in points]
+        denominators = []
+        for i, x_i in enumerate(self.xs):
+            product = 1
+            for j, x_j in enumerate(self.xs):
+                if j != i:
+                    product *= x_i - x_j
+            denominators.append(product % PRIME)
+        prefix = [1]
+        for denominator in denominators:
+            prefix.append(prefix[-1] * denominator % PRIME)
+        inverse = pow(prefix[-1], -1, PRIME)  # of the product of all denominators
+        self.coefficients = [0] * len(points)
+        for i in reversed(range(len(points))):
+            self.coefficients[i] = points[i][1] * inverse * prefix[i] % PRIME
+            inverse = inverse * denominators[i] % PRIME
+
+    def __call__(self, at: int) -> int:
+        if at in self.xs:
+            return self.ys[self.xs.index(at)]
+        product = math.prod(at - x for x in self.xs)
+        return sum(c * (product // (at - x)) for c, x in zip(self.coefficients, self.xs)) % PRIME
 
 
 def _parse(share: bytes) -> tuple[int, int]:

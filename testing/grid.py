@@ -24,7 +24,7 @@ Faithful to Flower's ``Grid`` contract:
   nothing more can arrive. ``timeout`` is accepted and has no effect: without a clock
   an instruction is answered unless a hook lost it.
 
-Hooks inject faults: ``on_instruction`` (at push) and ``on_reply`` (before the reply is
+Hooks inject faults: ``on_instruction`` (at push, on the copy that crossed the wire) and ``on_reply`` (before the reply is
 pulled) return the message to deliver, possibly altered, or None to lose it. A lost
 instruction is never answered; a reply hook's replacement is returned for the
 instruction it answers, whatever its own ``reply_to`` says.
@@ -142,6 +142,11 @@ class InProcessGrid(Grid):
                 continue
             message_id = message.metadata.message_id
             ids.append(message_id)
+            # the instruction leaves the server here: later changes to the server's object
+            # do not reach the node, and a hook alters only this node's copy
+            message = Message(content=self._wire(message.content, message.metadata.dst_node_id,
+                                                 self.bytes_down, exchange),
+                              metadata=message.metadata)
             if self.on_instruction is not None:
                 message = self.on_instruction(message)
             if message is None:  # lost on the way: never answered
@@ -197,8 +202,7 @@ class InProcessGrid(Grid):
     def _deliver(self, message: Message, exchange: Exchange) -> Message:
         node = message.metadata.dst_node_id
         exchange.message_types.add(message.metadata.message_type)
-        content = self._wire(message.content, node, self.bytes_down, exchange)
-        inbound = Message(content=content, metadata=message.metadata)
+        inbound = message
         started = self.clock()
         try:
             reply = self.app(inbound, self.contexts[node])

@@ -24,8 +24,9 @@ Faithful to Flower's ``Grid`` contract:
   nothing more can arrive. ``timeout`` is accepted and has no effect: without a clock
   an instruction is answered unless a hook lost it.
 
-Hooks inject faults: ``on_instruction`` (at push, on the copy that crossed the wire) and ``on_reply`` (before the reply is
-pulled) return the message to deliver, possibly altered, or None to lose it. A lost
+Hooks inject faults: ``on_instruction`` (at push, on the copy that crossed the wire)
+and ``on_reply`` (before the reply is pulled) return the message to deliver, possibly
+altered, or None to lose it. A lost
 instruction is never answered; a reply hook's replacement is returned for the
 instruction it answers, whatever its own ``reply_to`` says.
 """

@@ -37,7 +37,11 @@ from server.run_output import RunOutput, all_settings, claim_run_folder
 from server.secure_aggregation import federation_class
 from server.validation import UpdateValidator, ValidationConfig
 from strategies import StrategyConfig, build_strategy, strategy_traits
-from strategies.compatibility import active_wrappers, check_composition
+from strategies.compatibility import (
+    active_wrappers,
+    aggregates_by_weighted_mean,
+    check_composition,
+)
 
 log = logging.getLogger("sepal.server")
 
@@ -63,8 +67,12 @@ def serve(grid: Grid, context: Context) -> Path:
         check_run_settings(DPSGDSettings.from_run_config(context.run_config), cfg, train_size)
     lora = LoraSettings.from_run_config(context.run_config)
     chosen = StrategyConfig.from_mapping(context.run_config)
-    check_composition(chosen.strategy, strategy_traits(chosen.strategy),
-                      active_wrappers(context.run_config))
+    traits, wrappers = strategy_traits(chosen.strategy), active_wrappers(context.run_config)
+    check_composition(chosen.strategy, traits, wrappers)
+    user_dp = UserLevelDPSettings.from_run_config(context.run_config)
+    # adaptive clipping counts each reply's clipped bit, which one summed reply does not carry
+    streaming = aggregates_by_weighted_mean(traits, wrappers) and not (
+        user_dp.enabled and user_dp.adaptive)
     strategy = build_strategy(
         chosen.strategy,
         params=chosen.params(),
@@ -76,8 +84,7 @@ def serve(grid: Grid, context: Context) -> Path:
             "min_available_nodes": cfg.min_available_nodes,
         },
     )
-    strategy = wrap_with_user_level_dp(
-        strategy, UserLevelDPSettings.from_run_config(context.run_config), grid, cfg)
+    strategy = wrap_with_user_level_dp(strategy, user_dp, grid, cfg)
     make_federation = federation_class(context.run_config, strategy)  # refuses bad combinations
     validator = UpdateValidator(ValidationConfig.from_mapping(context.run_config))
     run_name = cfg.run_name or time.strftime("%Y%m%d-%H%M%S") + f"-run{grid.run.run_id}"
@@ -103,7 +110,8 @@ def serve(grid: Grid, context: Context) -> Path:
                                                    **ledger.to_config()},
                                      downlink=downlink_for(compression),
                                      privacy=PrivacyMonitor(cfg.min_train_nodes, strategy),
-                                     validator=validator, checkpoints=checkpoints)
+                                     validator=validator, checkpoints=checkpoints,
+                                     streaming=streaming)
         final = federation.run(initial, resume_from=resume_from)
         write_privacy_statement(output.folder, federation.privacy.statement())
         evaluator.export(final, output.model_path)

@@ -73,6 +73,19 @@ class UpdateValidator:
     def check(self, update: Mapping[str, np.ndarray],
               global_arrays: Mapping[str, np.ndarray]) -> None:
         """Raise UploadError naming the first defect of one update."""
+        self.check_structure(update, global_arrays)
+        for name in global_arrays:
+            array = update[name]
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise UploadError(f"tensor '{name}' holds {bad} NaN or Inf value(s)")
+            if array.size and float(np.abs(array).max()) > MAX_MAGNITUDE:
+                raise UploadError(f"tensor '{name}' holds a value beyond {MAX_MAGNITUDE:.3g}, "
+                                  "whose square overflows float32")
+
+    def check_structure(self, update: Mapping[str, np.ndarray],
+                        global_arrays: Mapping[str, np.ndarray]) -> None:
+        """Raise UploadError if the tensor names, shapes or dtypes differ from the model's."""
         missing = [name for name in global_arrays if name not in update]
         if missing:
             raise UploadError(f"tensor(s) missing from the update: {missing[:3]}")
@@ -86,19 +99,25 @@ class UpdateValidator:
                                   f"model's is {tuple(reference.shape)}")
             if array.dtype != np.float32:
                 raise UploadError(f"tensor '{name}' has dtype {array.dtype}, expected float32")
-            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-            if bad:
-                raise UploadError(f"tensor '{name}' holds {bad} NaN or Inf value(s)")
-            if array.size and float(np.abs(array).max()) > MAX_MAGNITUDE:
-                raise UploadError(f"tensor '{name}' holds a value beyond {MAX_MAGNITUDE:.3g}, "
-                                  "whose square overflows float32")
 
     def check_norms(self, updates: Mapping[int, Mapping[str, np.ndarray]]) -> dict[int, str]:
         """Node -> defect for the updates whose norm is out of bounds this round."""
-        multiple = self.cfg.validation_norm_multiple
-        if multiple == 0 or not updates:
+        if self.cfg.validation_norm_multiple == 0:
             return {}
-        norms = {node: update_norm(update) for node, update in updates.items()}
+        return self.judge_norms({node: update_norm(update) for node, update in updates.items()})
+
+    @property
+    def norm_limit_is_fixed(self) -> bool:
+        """True when each norm is judged on its own (check off, or against the clip bound);
+        False when the limit depends on the round's median norm."""
+        return self.cfg.validation_norm_multiple == 0 or self.cfg.validation_clip_bound > 0
+
+    def judge_norms(self, norms: Mapping[int, float]) -> dict[int, str]:
+        """Node -> defect for the L2 norms (of the round's updates that passed
+        :meth:`check`) that are out of bounds."""
+        multiple = self.cfg.validation_norm_multiple
+        if multiple == 0 or not norms:
+            return {}
         if self.cfg.validation_clip_bound > 0:
             reference, what = self.cfg.validation_clip_bound, "the clip bound"
         elif len(norms) >= MIN_UPDATES_FOR_MEDIAN:

@@ -96,6 +96,15 @@ def check_composition(strategy: str, traits: StrategyTraits,
                 "noise is added, so later rounds would release un-noised information")
 
 
+def aggregates_by_weighted_mean(traits: StrategyTraits, wrappers: Iterable[Wrapper]) -> bool:
+    """True when the round's aggregate is a weighted mean that one pre-averaged reply
+    reproduces: the strategy is mean-based and reads no individual update, and no active
+    wrapper reads one. The server then sums uploads as they arrive instead of holding
+    them all (``server/streaming.py``)."""
+    return (traits.weighted_mean and not traits.needs_individual_updates
+            and not any(w.needs_individual_updates for w in wrappers))
+
+
 def active_wrappers(run_config: Mapping[str, Any]) -> list[Wrapper]:
     """The wrappers a run config switches on.
 

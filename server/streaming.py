@@ -64,7 +64,7 @@ from server.uploads import (
     reject,
     shared_metric_keys,
 )
-from server.validation import MAX_MAGNITUDE, UpdateValidator
+from server.validation import UpdateValidator, value_summary
 
 log = logging.getLogger("sepal.server")
 
@@ -111,18 +111,10 @@ def screen(update: OrderedDict[str, np.ndarray], global_arrays: OrderedDict[str,
            validator: UpdateValidator) -> float:
     """``validator.check`` in one pass over the values; returns the update's L2 norm."""
     validator.check_structure(update, global_arrays)
-    squares, scratch = 0.0, torch.empty(CHUNK, dtype=torch.float64)
-    for name, array in update.items():
-        values = _flat(array)
-        for at in range(0, values.numel(), CHUNK):
-            chunk = values[at:at + CHUNK]
-            low, high = torch.aminmax(chunk)
-            if not -MAX_MAGNITUDE <= float(low) <= float(high) <= MAX_MAGNITUDE:  # NaN too
-                validator.check(update, global_arrays)  # raises, naming the defect
-            wide = scratch[:chunk.numel()]
-            wide.copy_(chunk)
-            squares += float(torch.dot(wide, wide))
-    return float(np.sqrt(squares))
+    within, norm = value_summary(update)
+    if not within:
+        validator.check(update, global_arrays)  # raises, naming the defect
+    return norm
 
 
 class StreamingRound:

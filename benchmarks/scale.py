@@ -16,7 +16,9 @@ table says so.
 ``memory``: the server's aggregation alone, on uploads of MiniLM's real tensor shapes
 (dense float32, 90 MB each). Each configuration runs in a fresh process, which reads
 N uploads and hands the result to Flower's FedAvg; printed: the growth of the peak
-resident set over the process's size before the round, in MB and in model sizes.
+resident set (``VmHWM``) over the process's size before the round, in MB and in model
+sizes. ``arrivals only``: the uploads built one at a time and dropped unread, i.e. the
+in-flight upload and what building it costs this harness.
 ``streaming``: uploads arrive one at a time (``server/streaming.py``);
 ``collect-all``: the N replies are held, as ``Grid.send_and_receive`` returns them,
 and decoded into one reply each (``server/uploads.py``) for strategies that read every
@@ -24,7 +26,10 @@ update.
 
 ``throughput``: decode + check + accumulate of one MiniLM upload (dense float32 and
 8-bit), in GB/s of float32 update, against a numpy copy of the same bytes (this
-machine's memory bandwidth as one core sees it); best of 5.
+machine's memory bandwidth as one core sees it); best of 5, with torch on one thread
+and on its default. Adding a float32 update into a float64 sum moves 5 bytes per
+update byte (read the update, read and write the sum) where a copy moves 2, so at
+memory speed the add alone runs at about 40 % of the copy's GB/s.
 
 ``secagg``: ``benchmarks.secure_aggregation.scale_rows`` at the same site counts, when
 that function is available.
@@ -34,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -123,6 +127,7 @@ def memory_probe(shapes_file: str, sites: int, path: str) -> dict:
     model_bytes = sum(a.nbytes for a in global_arrays.values())
     base = random_values(shapes)
     before = psutil.Process().memory_info().rss
+    reset_peak_rss()
     started = time.perf_counter()
     if path == "streaming":
         stream = StreamingRound(global_arrays, UpdateValidator(), {})
@@ -131,14 +136,32 @@ def memory_probe(shapes_file: str, sites: int, path: str) -> dict:
             del reply
         decoded = stream.finish(wire.ARRAYS_KEY, [Message(RecordDict(), dst_node_id=1,
                                                           message_type="train")])
-    else:
+    elif path == "collect-all":
         decoded = decode_replies(list(synthetic_replies(shapes, sites, base)), global_arrays)
-    arrays, _ = FedAvg().aggregate_train(1, decoded.accepted)
-    assert arrays is not None and decoded.clients == sites
+    else:  # the uploads arriving one at a time, nothing read: what the harness itself costs
+        for reply in synthetic_replies(shapes, sites, base):
+            del reply
+        decoded = None
+    if decoded is not None:
+        arrays, _ = FedAvg().aggregate_train(1, decoded.accepted)
+        assert arrays is not None and decoded.clients == sites
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return {"model_mb": model_bytes / MB, "peak_growth_mb": (peak - before) / MB,
             "model_sizes": (peak - before) / model_bytes, "seconds": seconds}
+
+
+def reset_peak_rss() -> None:
+    """Start the peak resident set (Linux ``VmHWM``) over from now: a process started
+    by another inherits its peak across exec."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def memory_rows(shapes, streaming_sites: list[int], collect_sites: list[int]) -> list[dict]:
@@ -146,7 +169,8 @@ def memory_rows(shapes, streaming_sites: list[int], collect_sites: list[int]) ->
     with tempfile.TemporaryDirectory() as folder:
         shapes_file = Path(folder) / "shapes.json"
         shapes_file.write_text(json.dumps([[k, list(v)] for k, v in shapes.items()]))
-        for path, counts in (("streaming", streaming_sites), ("collect-all", collect_sites)):
+        for path, counts in (("arrivals only", streaming_sites[:1]),
+                             ("streaming", streaming_sites), ("collect-all", collect_sites)):
             for sites in counts:
                 out = subprocess.run(
                     [sys.executable, "-m", "benchmarks.scale", "--memory-probe",
@@ -174,6 +198,16 @@ def best_seconds(fn, repeats: int = 5) -> float:
 
 
 def throughput_rows(shapes) -> list[dict]:
+    import torch
+
+    rows = []
+    for threads in (1, torch.get_num_threads()):
+        torch.set_num_threads(threads)
+        rows += codec_throughput(shapes, threads)
+    return rows
+
+
+def codec_throughput(shapes, threads: int) -> list[dict]:
     from server.streaming import RunningSum, screen
     from server.validation import UpdateValidator
 
@@ -205,7 +239,7 @@ def throughput_rows(shapes) -> list[dict]:
             "add_gbs": model_bytes / best_seconds(lambda: total.add(decoded, 100)) / 1e9,
             "all_gbs": model_bytes / seconds / 1e9, "copy_gbs": model_bytes / copy_s / 1e9})
         row = rows[-1]
-        print(f"| {chain} | {row['model_mb']:.1f} | {row['decode_gbs']:.1f} | "
+        print(f"| {chain} | {threads} | {row['model_mb']:.1f} | {row['decode_gbs']:.1f} | "
               f"{row['check_gbs']:.1f} | {row['add_gbs']:.1f} | {row['all_gbs']:.2f} | "
               f"{row['copy_gbs']:.2f} | {100 * row['all_gbs'] / row['copy_gbs']:.0f} % |",
               flush=True)
@@ -305,9 +339,9 @@ def main() -> None:
     shapes = minilm_shapes() if {"throughput", "memory"} & set(parts) else None
     if "throughput" in parts:
         print("\nAggregation speed, one MiniLM upload (decode + check + add to the float64 sum)")
-        print("| codec | model MB | decode GB/s | check GB/s | add GB/s | all GB/s | "
-              "numpy copy GB/s | all / copy |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| codec | torch threads | model MB | decode GB/s | check GB/s | add GB/s | "
+              "all GB/s | numpy copy GB/s | all / copy |")
+        print("|---|---|---|---|---|---|---|---|---|")
         throughput_rows(shapes)
     if "memory" in parts:
         print("\nServer aggregation memory, MiniLM dense uploads, FedAvg")

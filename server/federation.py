@@ -9,6 +9,10 @@ ServerApp drives the same steps itself while the strategy keeps doing what it do
     configure_train -> send/receive -> decode + validate uploads -> aggregate_train
     -> evaluate (server, optionally clients) -> record -> checkpoint
 
+For a strategy that aggregates by a weighted mean, "send/receive -> decode + validate"
+sums each upload as it arrives and hands ``aggregate_train`` one reply
+(``server/streaming.py``); other strategies get every decoded upload.
+
 Node sampling is reproducible: Flower samples with ``random.sample`` over the grid's
 node ids, so the round loop hands the strategy the ids sorted and seeds Python's
 ``random`` per (seed, round) just before. A resumed round therefore samples the

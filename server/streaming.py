@@ -47,7 +47,6 @@ held update: about 4 x the model plus a constant.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections import OrderedDict
 
@@ -65,8 +64,6 @@ from server.uploads import (
     shared_metric_keys,
 )
 from server.validation import UpdateValidator, value_summary
-
-log = logging.getLogger("sepal.server")
 
 CHUNK = 1 << 18  # values per pass step: a float64 chunk (2 MiB) stays in cache
 
@@ -165,18 +162,17 @@ class StreamingRound:
             reject(result, node, out_of_bounds[node])
             del self.metrics[node]
         in_sum = sorted(set(out_of_bounds) & self.summed)
+        held, self.held = self.held, None
+        result.contributors = len(self.metrics)
         if in_sum:
             result.aggregate_refused = (
                 f"{len(out_of_bounds)} updates exceed the norm limit, more than the streaming "
                 f"sum holds aside: node(s) {in_sum} are already in the sum")
-        if self.held is not None and self.held[0] not in out_of_bounds:
-            self._sum(*self.held)
-        self.held = None
-        if result.aggregate_refused:
             return result
+        if held is not None and held[0] not in out_of_bounds:
+            self._sum(*held)
         if self.metrics:
             nodes = sorted(self.metrics)
-            result.contributors = len(nodes)
             shared = shared_metric_keys([self.metrics[n] for n in nodes])
             result.client_metrics = MetricRecord({key: self.metrics[nodes[0]][key]
                                                   for key in self.metrics[nodes[0]]

@@ -185,3 +185,13 @@ def test_malformed_upload_is_rejected_and_the_round_aggregates_the_rest(kind, ca
     for name, value in GLOBAL.items():
         expected = value + sum(weights[n] * updates[n][name] for n in weights) / 60
         assert np.allclose(arrays[name].numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("chain", ["dense", "q8", "topk:0.25,ef,q4,zlib", "q2:0"])
+def test_serialized_size_is_the_protobuf_size_of_the_reply(chain):
+    from flwr.common.serde import recorddict_to_proto
+
+    content = reply(7, *encoded(chain)).content
+    content[wire.PRIVACY_KEY] = ConfigRecord({"epsilon": 1.5, "delta": 1e-5})
+    content["empty"] = ArrayRecord(OrderedDict(nothing=wire.npy_array(np.zeros(0, np.float32))))
+    assert wire.serialized_size(content) == recorddict_to_proto(content).ByteSize()

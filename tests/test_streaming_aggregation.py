@@ -297,3 +297,40 @@ def test_streaming_memory_does_not_grow_with_the_number_of_sites():
     assert many - few < model_bytes / 2, (few, many)
     # the collect-everything path holds every upload: the measure sees the growth
     assert _peak_bytes(32, streaming=False) - _peak_bytes(4, streaming=False) > 20 * model_bytes
+
+
+class _Unevaluated(Federation):
+    """The round loop without the server-side test-set evaluation (no model here)."""
+
+    def _evaluate(self, weights):
+        return {"accuracy": float("nan")}
+
+
+class _Records:
+    """Keeps the round records (no files, plots or TensorBoard)."""
+
+    def __init__(self):
+        self.rounds: list[dict] = []
+
+    def record_round(self, record: dict) -> None:
+        self.rounds.append(record)
+
+
+def test_a_refused_streaming_round_keeps_the_model_and_later_rounds_collect_every_update():
+    outliers = {NODES[0], NODES[3]}
+    grid = ReplayGrid(lambda node: upload(node, scale=1.0 if node in outliers else 0.01))
+    federation = _Unevaluated(grid, fedavg(), RunConfig(min_train_nodes=2, round_timeout=5),
+                              ["negative", "positive"], None, _Records(),
+                              streaming=True)
+
+    first = federation.run_round(1, GLOBAL, started=0.0)
+    second = federation.run_round(2, first, started=0.0)
+
+    refused, collected = federation.output.rounds
+    assert "already in the sum" in refused["aggregate_refused"]
+    assert set(refused["rejected_reasons"]) == {str(n) for n in outliers}
+    assert all(np.array_equal(first[k], GLOBAL[k]) for k in GLOBAL)
+    assert not federation.streaming
+    assert "aggregate_refused" not in collected and collected["clients"] == len(NODES) - 2
+    assert set(collected["rejected_reasons"]) == {str(n) for n in outliers}
+    assert not np.allclose(second["encoder.weight"], GLOBAL["encoder.weight"])

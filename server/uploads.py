@@ -7,6 +7,9 @@ aggregates unchanged. A defective upload is logged with the client and the defec
 and left out; the others go on. Accepted replies are ordered by node id, so the
 aggregate does not depend on the order in which replies arrived (floating-point
 sums do), which keeps a resumed run identical to an uninterrupted one.
+
+:func:`decode_replies` reads a whole round for strategies that read every update;
+``server/streaming.py`` reads one reply at a time with the same :func:`read_reply`.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ class DecodedRound:
     timed_out: list[int] = dataclasses.field(default_factory=list)  # no reply in time
     refused: dict[int, Refusal] = dataclasses.field(default_factory=dict)  # privacy budget
     privacy: dict[int, ConfigRecord] = dataclasses.field(default_factory=dict)  # ε reports
-    # Clients behind ``accepted`` when a reply stands for several (secure aggregation
-    # sends one pre-summed reply); None: one reply per client.
+    # Clients behind ``accepted`` when a reply stands for several (secure and streaming
+    # aggregation send one pre-summed reply); None: one reply per client.
     contributors: int | None = None
     # One accepted client's metrics (the keys all share), to size the dense upload baseline
     # with; None: those of ``accepted[0]``.

@@ -203,8 +203,9 @@ def check_user_level_rounding(settings: UserLevelDPSettings, dim: int, upload_co
 
 def _contributors(reply: Message) -> int:
     """Clients behind a reply: one, or ``aggregated-clients`` for the single reply of secure
-    or streaming aggregation, which carries their (unweighted) mean. Flower's wrappers count replies, so it
-    stands in that many times; the mean of identical replies is that mean."""
+    or streaming aggregation, which carries their (unweighted) mean. Flower's wrappers
+    count replies, so it stands in that many times; the mean of identical replies is that
+    mean."""
     if reply.has_error() or wire.METRICS_KEY not in reply.content:
         return 1
     return int(reply.content[wire.METRICS_KEY].get(CLIENTS_KEY, 1))

@@ -31,6 +31,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.constant import SType
 from flwr.common.serde import recorddict_to_proto
+from flwr.proto.recorddict_pb2 import Array as ProtoArray
+from flwr.proto.recorddict_pb2 import ArrayRecord as ProtoArrayRecord
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 # 2: compressed codecs (topk, quantized, lossless pass) and compressed downlink deltas.
 WIRE_VERSION = 2
@@ -50,8 +53,47 @@ class UploadError(ValueError):
 
 
 def serialized_size(content: RecordDict) -> int:
-    """Bytes of ``content`` as Flower serializes it onto the wire (protobuf)."""
-    return recorddict_to_proto(content).ByteSize()
+    """Bytes of ``content`` as Flower serializes it onto the wire (protobuf).
+
+    Computed without a protobuf copy of the array data (which would cost twice the
+    upload's size for a moment): every record but the arrays' ``data`` is sized by
+    protobuf itself, and each ``data`` field and the length prefixes around it are added
+    by protobuf's encoding rules (a length-delimited field is its tag, the varint of its
+    length, then the bytes).
+    """
+    total = 0
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays = sum(_delimited(_ARRAY_ITEM_FIELD, _array_item_size(name, array))
+                         for name, array in record.items())
+            item = ProtoRecordDict.Item(key=key).ByteSize() + _delimited(_ARRAY_RECORD_FIELD,
+                                                                         arrays)
+        else:
+            item = recorddict_to_proto(RecordDict({key: record})).items[0].ByteSize()
+        total += _delimited(_ITEMS_FIELD, item)
+    return total
+
+
+_ITEMS_FIELD = ProtoRecordDict.DESCRIPTOR.fields_by_name["items"].number
+_ARRAY_RECORD_FIELD = ProtoRecordDict.Item.DESCRIPTOR.fields_by_name["array_record"].number
+_ARRAY_ITEM_FIELD = ProtoArrayRecord.DESCRIPTOR.fields_by_name["items"].number
+_ARRAY_VALUE_FIELD = ProtoArrayRecord.Item.DESCRIPTOR.fields_by_name["value"].number
+_DATA_FIELD = ProtoArray.DESCRIPTOR.fields_by_name["data"].number
+
+
+def _array_item_size(name: str, array: Array) -> int:
+    hollow = ProtoArray(dtype=array.dtype, shape=array.shape, stype=array.stype).ByteSize()
+    data = _delimited(_DATA_FIELD, len(array.data)) if array.data else 0  # proto3 omits b""
+    return (ProtoArrayRecord.Item(key=name).ByteSize()
+            + _delimited(_ARRAY_VALUE_FIELD, hollow + data))
+
+
+def _delimited(field: int, length: int) -> int:
+    return _varint_size(field << 3) + _varint_size(length) + length
+
+
+def _varint_size(value: int) -> int:
+    return max(1, -(-value.bit_length() // 7))
 
 
 def arrays_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -33,7 +33,11 @@ from server.run_output import RunOutput, claim_run_folder
 from server.secure_aggregation import federation_class
 from server.validation import UpdateValidator
 from strategies import build_strategy, strategy_traits
-from strategies.compatibility import active_wrappers, check_composition
+from strategies.compatibility import (
+    active_wrappers,
+    aggregates_by_weighted_mean,
+    check_composition,
+)
 
 log = logging.getLogger("sepal.server")
 
@@ -58,8 +62,9 @@ def serve(grid: Grid, context: Context) -> Path:
         check_training_classes(centralized_train_split(cfg))
         check_run_settings(settings.dp, cfg, train_size)
     chosen = settings.strategy
-    check_composition(chosen.strategy, strategy_traits(chosen.strategy),
-                      active_wrappers(context.run_config))
+    traits, wrappers = strategy_traits(chosen.strategy), active_wrappers(context.run_config)
+    check_composition(chosen.strategy, traits, wrappers)
+    streaming = aggregates_by_weighted_mean(traits, wrappers)
     strategy = build_strategy(
         chosen.strategy,
         params=chosen.params(),
@@ -94,7 +99,8 @@ def serve(grid: Grid, context: Context) -> Path:
                                                    **ledger.to_config()},
                                      downlink=downlink_for(compression),
                                      privacy=PrivacyMonitor(cfg.min_train_nodes, strategy),
-                                     validator=validator, checkpoints=checkpoints)
+                                     validator=validator, checkpoints=checkpoints,
+                                     streaming=streaming)
         final = federation.run(initial, resume_from=resume_from)
         write_privacy_statement(output.folder, federation.privacy.statement())
         evaluator.export(final, output.model_path)

@@ -57,6 +57,7 @@ from sepal.privacy.config import UserLevelDPConfig
 from sepal.privacy.user_level import Rounding
 from sepal.secagg.config import SecAggConfig
 from server.flower_patches import ClientSideAdaptiveClipping, ServerSideAdaptiveClipping
+from server.uploads import CLIENTS_KEY
 
 log = logging.getLogger("sepal.server")
 
@@ -173,12 +174,13 @@ def check_user_level_rounding(settings: UserLevelDPConfig, dim: int, upload_code
 
 
 def _contributors(reply: Message) -> int:
-    """Clients behind a reply: one, or ``secagg-clients`` for secure aggregation's single
-    reply, which carries their (unweighted) mean. Flower's wrappers count replies, so it
-    stands in that many times; the mean of identical replies is that mean."""
+    """Clients behind a reply: one, or ``aggregated-clients`` for the single reply of secure
+    or streaming aggregation, which carries their (unweighted) mean. Flower's wrappers
+    count replies, so it stands in that many times; the mean of identical replies is that
+    mean."""
     if reply.has_error() or wire.METRICS_KEY not in reply.content:
         return 1
-    return int(reply.content[wire.METRICS_KEY].get("secagg-clients", 1))
+    return int(reply.content[wire.METRICS_KEY].get(CLIENTS_KEY, 1))
 
 
 def _equal_weight(reply: Message, key: str) -> Message:

@@ -9,6 +9,10 @@ ServerApp drives the same steps itself while the strategy keeps doing what it do
     configure_train -> send/receive -> decode + validate uploads -> aggregate_train
     -> evaluate (server, optionally clients) -> record -> checkpoint
 
+For a strategy that aggregates by a weighted mean, "send/receive -> decode + validate"
+sums each upload as it arrives and hands ``aggregate_train`` one reply
+(``server/streaming.py``); other strategies get every decoded upload.
+
 Node sampling is reproducible: Flower samples with ``random.sample`` over the grid's
 node ids, so the round loop hands the strategy the ids sorted and seeds Python's
 ``random`` per (seed, round) just before. A resumed round therefore samples the
@@ -35,15 +39,19 @@ from sepal.config import RunConfig
 from sepal.training import evaluation_record
 from server.checkpoint import Checkpoint, Checkpointer, capture_rng, restore_rng
 from server.evaluation import ServerEvaluator
+from server.central_dp import UserLevelDP
 from server.privacy_monitor import PrivacyMonitor
 from server.late_replies import LateReplies
 from server.progress import round_line
 from server.run_output import RunOutput
+from server.streaming import StreamingRound
 from server.uploads import DecodedRound, decode_replies
 from server.validation import MAX_MAGNITUDE, UpdateValidator
 from strategies.state import StrategyStateError, load_strategy_state, strategy_state
 
 log = logging.getLogger("sepal.server")
+
+GRPC_PULL_INTERVAL_S = 3.0  # Flower's gRPC grid polls this often in send_and_receive
 
 
 class Federation:
@@ -53,7 +61,7 @@ class Federation:
                  downlink: DownlinkBroadcaster | None = None,
                  privacy: PrivacyMonitor | None = None,
                  validator: UpdateValidator | None = None,
-                 checkpoints: Checkpointer | None = None):
+                 checkpoints: Checkpointer | None = None, streaming: bool = False):
         self.grid = grid
         self.strategy = strategy
         self.cfg = cfg
@@ -67,6 +75,9 @@ class Federation:
         self.arrays_key = getattr(strategy, "arrayrecord_key", wire.ARRAYS_KEY)
         self.downlink = downlink  # compressed global-model deltas, None = dense arrays
         self.late_replies = LateReplies(grid)
+        # sum uploads as they arrive: for strategies aggregating by a weighted mean
+        # (``strategies.compatibility.aggregates_by_weighted_mean``)
+        self.streaming = streaming
 
     def run(self, weights: OrderedDict[str, np.ndarray],
             resume_from: Checkpoint | None = None) -> OrderedDict[str, np.ndarray]:
@@ -128,7 +139,15 @@ class Federation:
             "refused": len(decoded.refused),
             "late_discarded": len(late),
         }
-        if decoded.accepted and decoded.clients >= self.cfg.min_train_nodes:
+        if decoded.aggregate_refused:
+            log.warning("round %d: aggregate refused, global model kept: %s", server_round,
+                        decoded.aggregate_refused)
+            record["aggregate_refused"] = decoded.aggregate_refused
+            if self.streaming:
+                log.warning("every update is collected before aggregating from round %d on",
+                            server_round + 1)
+                self.streaming = False
+        elif decoded.accepted and decoded.clients >= self.cfg.min_train_nodes:
             aggregated, train_metrics, refused = self._aggregate(server_round, decoded, weights)
             if refused:
                 log.warning("round %d: aggregate refused, global model kept: %s", server_round,
@@ -199,16 +218,40 @@ class Federation:
 
     def collect_updates(self, messages: list[Message],
                         weights: OrderedDict[str, np.ndarray]) -> DecodedRound:
-        """Send the round's train instructions and return the decoded uploads."""
+        """Send the round's train instructions and return the decoded uploads: summed as
+        they arrive (``server/streaming.py``), or all of them for the strategy to read."""
+        if self.streaming:
+            return self._stream_updates(messages, weights)
         replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
         # by instruction: the SuperLink itself answers for a node that went offline
         instruction_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         decoded = decode_replies(replies, weights, self.arrays_key, instruction_nodes,
                                  self.validator)
-        answered = {reply.metadata.reply_to_message_id for reply in replies}
-        decoded.timed_out = [node for message_id, node in instruction_nodes.items()
-                             if message_id not in answered]
-        return decoded
+        return _with_timed_out(decoded, instruction_nodes,
+                               {reply.metadata.reply_to_message_id for reply in replies})
+
+    def _stream_updates(self, messages: list[Message],
+                        weights: OrderedDict[str, np.ndarray]) -> DecodedRound:
+        """``Grid.send_and_receive``'s push, poll and timeout, with each reply pulled on
+        its own (in node-id order within a poll) and summed before the next is pulled."""
+        pending = [message_id for message_id in self.grid.push_messages(messages) if message_id]
+        instruction_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        pending.sort(key=lambda message_id: instruction_nodes.get(message_id, 0))
+        stream = StreamingRound(weights, self.validator, instruction_nodes,
+                                equal_weights=isinstance(self.strategy, UserLevelDP))
+        answered: set[str] = set()
+        end_time = time.time() + self.cfg.round_timeout
+        while time.time() < end_time:
+            for message_id in pending:
+                for reply in self.grid.pull_messages([message_id]):
+                    answered.add(reply.metadata.reply_to_message_id)
+                    stream.add(reply)
+            pending = [message_id for message_id in pending if message_id not in answered]
+            if not pending:
+                break
+            time.sleep(getattr(self.grid, "pull_interval", GRPC_PULL_INTERVAL_S))
+        return _with_timed_out(stream.finish(self.arrays_key, messages), instruction_nodes,
+                               answered)
 
     def _seed_node_sampling(self, server_round: int, stage: str) -> None:
         """Flower samples nodes with the global ``random`` (see the module docstring)."""
@@ -229,8 +272,17 @@ class Federation:
         return {"client_eval": dict(metrics)} if metrics is not None else {}
 
 
+def _with_timed_out(decoded: DecodedRound, instruction_nodes: dict[str, int],
+                    answered: set[str]) -> DecodedRound:
+    decoded.timed_out = [node for message_id, node in instruction_nodes.items()
+                         if message_id not in answered]
+    return decoded
+
+
 def _any_metrics(decoded: DecodedRound) -> MetricRecord:
     """A reply's metrics, to measure the dense upload baseline with the same record."""
+    if decoded.client_metrics is not None:
+        return decoded.client_metrics
     for message in decoded.accepted:
         return message.content[wire.METRICS_KEY]
     return MetricRecord({wire.NUM_EXAMPLES: 1})

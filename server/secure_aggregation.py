@@ -20,7 +20,7 @@ from which the strategy gets ONE reply, shaped as Flower's strategies expect:
     arrays = global + (sum_i r_i x_i) / (sum_i r_i),   num-examples = sum_i n_i
 
 so FedAvg, FedAvgM, FedProx, FedAdam, FedYogi (and any wrapper that acts on the
-aggregate, such as central-DP noise, which counts the reply as its ``secagg-clients``
+aggregate, such as central-DP noise, which counts the reply as its ``aggregated-clients``
 contributors) aggregate the unmasked mean unchanged. Strategies that need the
 individual updates (median, trimmed mean, Krum, MultiKrum, Bulyan, q-FedAvg,
 server-side DP clipping) and adaptive user-level DP are refused at start-up.
@@ -47,7 +47,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from sepal import wire
@@ -90,7 +90,7 @@ from sepal.secagg.protocol import (
     seed_commitment,
 )
 from server.federation import Federation
-from server.uploads import DecodedRound
+from server.uploads import CLIENTS_KEY, DecodedRound, aggregate_reply
 
 log = logging.getLogger("sepal.server")
 
@@ -560,7 +560,7 @@ class SecureFederation(Federation):
                                         messages, dim)
         if outcome.mean_update is not None:
             self._validate_mean(outcome, weights)
-        decoded = DecodedRound(accepted=[], updates={}, rejected=outcome.rejected,
+        decoded = DecodedRound(accepted=[], rejected=outcome.rejected,
                                failed=outcome.failed, bytes_up=outcome.bytes_up,
                                timed_out=sorted(outcome.timed_out), refused=outcome.refused,
                                privacy=outcome.privacy,
@@ -607,16 +607,10 @@ class SecureFederation(Federation):
             wire.NUM_EXAMPLES: int(totals["examples"]),
             "train-loss": float(totals["train-loss"]),
             "train-accuracy": float(totals["train-accuracy"]),
-            "secagg-clients": len(outcome.contributors),
+            CLIENTS_KEY: len(outcome.contributors),
             "secagg-clipped-values": int(totals["clipped"]),
         })
-        content = RecordDict({self.arrays_key: wire.arrays_to_record(arrays),
-                              wire.METRICS_KEY: metrics})
-        first = messages[0].metadata
-        return Message(content=content, metadata=Metadata(
-            run_id=first.run_id, message_id="", src_node_id=0, dst_node_id=first.src_node_id,
-            reply_to_message_id="", group_id=first.group_id, created_at=time.time(),
-            ttl=first.ttl, message_type=first.message_type))
+        return aggregate_reply(self.arrays_key, arrays, metrics, messages)
 
 
 def _split(flat: np.ndarray, like: OrderedDict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:

@@ -31,7 +31,7 @@ from sepal.validation_config import ValidationConfig
 from sepal.wire import UploadError
 
 MIN_UPDATES_FOR_MEDIAN = 3
-NORM_CHUNK = 1 << 12
+NORM_CHUNK = 1 << 16  # float32 values per norm step (256 KiB, stays in cache)
 # Largest magnitude an update or a model may hold: its square stays finite in float32
 # (norms, FedAdam's second moments), so one value cannot turn the next model into inf.
 MAX_MAGNITUDE = float(np.sqrt(np.finfo(np.float32).max))
@@ -45,6 +45,19 @@ class UpdateValidator:
     def check(self, update: Mapping[str, np.ndarray],
               global_arrays: Mapping[str, np.ndarray]) -> None:
         """Raise UploadError naming the first defect of one update."""
+        self.check_structure(update, global_arrays)
+        for name in global_arrays:
+            array = update[name]
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            if bad:
+                raise UploadError(f"tensor '{name}' holds {bad} NaN or Inf value(s)")
+            if array.size and float(np.abs(array).max()) > MAX_MAGNITUDE:
+                raise UploadError(f"tensor '{name}' holds a value beyond {MAX_MAGNITUDE:.3g}, "
+                                  "whose square overflows float32")
+
+    def check_structure(self, update: Mapping[str, np.ndarray],
+                        global_arrays: Mapping[str, np.ndarray]) -> None:
+        """Raise UploadError if the tensor names, shapes or dtypes differ from the model's."""
         missing = [name for name in global_arrays if name not in update]
         if missing:
             raise UploadError(f"tensor(s) missing from the update: {missing[:3]}")
@@ -58,19 +71,25 @@ class UpdateValidator:
                                   f"model's is {tuple(reference.shape)}")
             if array.dtype != np.float32:
                 raise UploadError(f"tensor '{name}' has dtype {array.dtype}, expected float32")
-            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
-            if bad:
-                raise UploadError(f"tensor '{name}' holds {bad} NaN or Inf value(s)")
-            if array.size and float(np.abs(array).max()) > MAX_MAGNITUDE:
-                raise UploadError(f"tensor '{name}' holds a value beyond {MAX_MAGNITUDE:.3g}, "
-                                  "whose square overflows float32")
 
     def check_norms(self, updates: Mapping[int, Mapping[str, np.ndarray]]) -> dict[int, str]:
         """Node -> defect for the updates whose norm is out of bounds this round."""
-        multiple = self.cfg.validation_norm_multiple
-        if multiple == 0 or not updates:
+        if self.cfg.validation_norm_multiple == 0:
             return {}
-        norms = {node: update_norm(update) for node, update in updates.items()}
+        return self.judge_norms({node: update_norm(update) for node, update in updates.items()})
+
+    @property
+    def norm_limit_is_fixed(self) -> bool:
+        """True when each norm is judged on its own (check off, or against the clip bound);
+        False when the limit depends on the round's median norm."""
+        return self.cfg.validation_norm_multiple == 0 or self.cfg.validation_clip_bound > 0
+
+    def judge_norms(self, norms: Mapping[int, float]) -> dict[int, str]:
+        """Node -> defect for the L2 norms (of the round's updates that passed
+        :meth:`check`) that are out of bounds."""
+        multiple = self.cfg.validation_norm_multiple
+        if multiple == 0 or not norms:
+            return {}
         if self.cfg.validation_clip_bound > 0:
             reference, what = self.cfg.validation_clip_bound, "the clip bound"
         elif len(norms) >= MIN_UPDATES_FOR_MEDIAN:
@@ -97,10 +116,30 @@ class UpdateValidator:
 
 
 def update_norm(update: Mapping[str, np.ndarray]) -> float:
-    """L2 norm, summed in float64 a chunk at a time (no float64 copy of a whole tensor)."""
-    total = 0.0
+    """L2 norm of ``update`` (see :func:`value_summary`)."""
+    return value_summary(update)[1]
+
+
+def value_summary(update: Mapping[str, np.ndarray]) -> tuple[bool, float]:
+    """Whether every value is finite and within ``MAX_MAGNITUDE``, and the L2 norm, in one
+    pass over cache-sized chunks.
+
+    Each chunk's sum of squares is a float32 dot product (BLAS, at memory speed), summed
+    in float64 across chunks: relative error about 1e-8 on update-like values (measured
+    on 22.6M Gaussian values), within 65,536 x 2^-24 = 0.4 % in the worst case, far inside
+    any norm multiple. A chunk whose float32 sum overflows is summed in float64.
+    """
+    within, squares = True, 0.0
     for array in update.values():
         flat = array.reshape(-1)
         for start in range(0, flat.size, NORM_CHUNK):
-            total += float(np.square(flat[start:start + NORM_CHUNK], dtype=np.float64).sum())
-    return math.sqrt(total)
+            chunk = flat[start:start + NORM_CHUNK]
+            # NaN fails both comparisons
+            within = within and -MAX_MAGNITUDE <= float(chunk.min()) \
+                and float(chunk.max()) <= MAX_MAGNITUDE
+            part = float(np.dot(chunk, chunk))
+            if not math.isfinite(part) and within:
+                wide = chunk.astype(np.float64)
+                part = float(np.dot(wide, wide))
+            squares += part
+    return within, math.sqrt(squares)

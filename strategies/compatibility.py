@@ -123,7 +123,8 @@ def aggregates_by_weighted_mean(traits: StrategyTraits, wrappers: Iterable[Wrapp
     """Whether the strategy and its wrappers aggregate the replies as a plain weighted mean
     (each reply's arrays weighted by its example count), so that the replies may be summed
     as they arrive: the strategy is a weighted mean and no wrapper reads individual replies."""
-    return traits.weighted_mean and not any(w.reads_individual_replies for w in wrappers)
+    return (traits.weighted_mean and not traits.needs_individual_updates
+            and not any(w.reads_individual_replies for w in wrappers))
 
 
 def active_wrappers(run_config: Mapping[str, Any]) -> list[Wrapper]:

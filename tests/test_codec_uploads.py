@@ -174,12 +174,24 @@ def test_malformed_upload_is_rejected_and_the_round_aggregates_the_rest(kind, ca
     assert re.search(reason, decoded.rejected[13]), decoded.rejected[13]
     assert any("client 13" in r.getMessage() and re.search(reason, r.getMessage())
                for r in caplog.records)
-    assert sorted(decoded.updates) == [1, 2, 3]
-    assert all(np.array_equal(decoded.updates[3][k], update_for(3)[k]) for k in GLOBAL)
+    models = {m.metadata.src_node_id: m.content[wire.ARRAYS_KEY] for m in decoded.accepted}
+    assert list(models) == [1, 2, 3]
+    updates = {node: {k: models[node][k].numpy() - GLOBAL[k] for k in GLOBAL} for node in models}
+    assert all(np.allclose(updates[3][k], update_for(3)[k], atol=1e-6) for k in GLOBAL)
     assert set(decoded.bytes_up) == {1, 2, 3, 13}
 
     arrays, _ = FedAvg().aggregate_train(1, decoded.accepted)
     weights = {1: 10, 2: 20, 3: 30}
     for name, value in GLOBAL.items():
-        expected = value + sum(weights[n] * decoded.updates[n][name] for n in weights) / 60
+        expected = value + sum(weights[n] * updates[n][name] for n in weights) / 60
         assert np.allclose(arrays[name].numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("chain", ["dense", "q8", "topk:0.25,ef,q4,zlib", "q2:0"])
+def test_serialized_size_is_the_protobuf_size_of_the_reply(chain):
+    from flwr.common.serde import recorddict_to_proto
+
+    content = reply(7, *encoded(chain)).content
+    content[wire.PRIVACY_KEY] = ConfigRecord({"epsilon": 1.5, "delta": 1e-5})
+    content["empty"] = ArrayRecord(OrderedDict(nothing=wire.npy_array(np.zeros(0, np.float32))))
+    assert wire.serialized_size(content) == recorddict_to_proto(content).ByteSize()

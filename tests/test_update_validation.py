@@ -156,3 +156,17 @@ def test_round_goes_on_without_bad_clients_and_repeat_offenders_are_counted(tmp_
     assert rounds[1]["offenders"] == {nan_node: 2, boosted_node: 2}
     saved = read_checkpoint(folder / "checkpoints" / "round-0002.ckpt")
     assert saved.validator == {"offences": {nan_node: 2, boosted_node: 2}}
+
+
+def test_norm_is_the_float64_norm_and_out_of_range_values_are_flagged():
+    from server.validation import value_summary
+
+    rng = np.random.default_rng(3)
+    update = {"a": (0.01 * rng.standard_normal(300_001)).astype(np.float32),
+              "b": np.full(5, 1e19, np.float32)}  # squares overflow float32, not float64
+    exact = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in update.values()))
+    within, norm = value_summary(update)
+    assert within and norm == pytest.approx(exact, rel=1e-7)
+    for bad in (np.nan, np.inf, -4e19):
+        update["a"][123] = bad
+        assert not value_summary(update)[0]

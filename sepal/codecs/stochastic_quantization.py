@@ -27,6 +27,7 @@ import dataclasses
 import numpy as np
 
 MAX_BITS = 16
+DEQUANTIZE_SPAN = 1 << 16  # values dequantized per step (256 KiB of float32, stays in cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +91,27 @@ def quantize(values: np.ndarray, bits: int, rng: np.random.Generator, block: int
 
 
 def dequantize(quantized: Quantized) -> np.ndarray:
-    """The float32 values the levels stand for."""
-    top = (1 << quantized.bits) - 1
-    per_value = _per_value(quantized.scales, quantized.block, quantized.levels.size)
-    return (quantized.levels.astype(np.float32) * np.float32(2.0 / top) - np.float32(1.0)) \
-        * per_value
+    """The float32 values the levels stand for: ``(q * 2 / L - 1) * s``, computed a few
+    hundred KiB at a time in the output itself (no whole-vector temporaries)."""
+    levels, block, scales = quantized.levels, quantized.block, quantized.scales
+    count = levels.size
+    out = np.empty(count, np.float32)
+    one_scale = block == 0 or block >= count
+    span = DEQUANTIZE_SPAN if one_scale else block * max(1, DEQUANTIZE_SPAN // block)
+    for start in range(0, count, span):
+        part = out[start:start + span]
+        np.multiply(levels[start:start + span], np.float32(2.0 / ((1 << quantized.bits) - 1)),
+                    out=part)
+        part -= np.float32(1.0)
+        if one_scale:
+            part *= scales[0]
+            continue
+        whole = part.size - part.size % block
+        first = start // block
+        part[:whole].reshape(-1, block)[...] *= scales[first:first + whole // block, None]
+        if whole < part.size:
+            part[whole:] *= scales[first + whole // block]
+    return out
 
 
 def packed_size(count: int, bits: int) -> int:

@@ -137,7 +137,8 @@ def value_summary(update: Mapping[str, np.ndarray]) -> tuple[bool, float]:
             # NaN fails both comparisons
             within = within and -MAX_MAGNITUDE <= float(chunk.min()) \
                 and float(chunk.max()) <= MAX_MAGNITUDE
-            part = float(np.dot(chunk, chunk))
+            with np.errstate(over="ignore", invalid="ignore"):
+                part = float(np.dot(chunk, chunk))
             if not math.isfinite(part) and within:
                 wide = chunk.astype(np.float64)
                 part = float(np.dot(wide, wide))

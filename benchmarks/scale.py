@@ -5,7 +5,7 @@
         [--collect-all-sites 10,25] [--round-limit-s 900]
 
 ``rounds``: one FedAvg round of the real ServerApp and ClientApps, run in one process
-by ``simulations/inprocess.py`` (clients train one after another on this machine, so
+by ``testing/grid.py`` (clients train one after another on this machine, so
 the round time is the sum of every site's local step plus the server's work; Ray's
 simulation engine adds its own start-up and scheduling on a 2-core machine). Each site
 trains one batch of 16 SST-2 sentences of 16 tokens. Prints the round's wall time and
@@ -31,8 +31,9 @@ and on its default. Adding a float32 update into a float64 sum moves 5 bytes per
 update byte (read the update, read and write the sum) where a copy moves 2, so at
 memory speed the add alone runs at about 40 % of the copy's GB/s.
 
-``secagg``: ``benchmarks.secure_aggregation.scale_rows`` at the same site counts, when
-that function is available.
+``secagg``: ``benchmarks.secure_aggregation.scale_rows`` at the same site counts
+(``--secagg-parameters``, default 100,000): one client's protocol compute and the
+server's, apart, and the bytes per client.
 """
 
 from __future__ import annotations
@@ -248,7 +249,7 @@ def codec_throughput(shapes, threads: int) -> list[dict]:
 
 def round_probe(model: str, sites: int) -> dict:
     """Runs in a fresh process: one in-process FedAvg round; its round record."""
-    from simulations.inprocess import app_run_config, run_in_process
+    from testing.grid import app_run_config, run_in_process
 
     with tempfile.TemporaryDirectory() as folder:
         run_config = app_run_config({
@@ -294,16 +295,13 @@ def round_rows(models: list[str], sites: list[int], limit_s: float) -> list[dict
 
 
 def secagg_rows(sites: list[int], parameters: int) -> None:
-    try:
-        from benchmarks.secure_aggregation import scale_rows
-    except ImportError:
-        print("secure aggregation rows unavailable")
-        return
+    from benchmarks.secure_aggregation import scale_rows
+
     print("| sites | parameters | client s | server s | round s | up / client MB | "
           "down / client MB |")
     print("|---|---|---|---|---|---|---|")
     for row in scale_rows(sites, parameters):
-        print(f"| {row['sites']} | {row['parameters']} | {row['client_s']:.2f} | "
+        print(f"| {row['sites']} | {row['parameters']} | {row['client_s']:.4f} | "
               f"{row['server_s']:.2f} | {row['round_s']:.2f} | "
               f"{row['bytes_up_per_client'] / MB:.3f} | {row['bytes_down_per_client'] / MB:.3f} |",
               flush=True)
@@ -324,7 +322,7 @@ def main() -> None:
                         help="site counts of the collect-everything memory rows (each site "
                              "costs about 2 x 90 MB)")
     parser.add_argument("--round-limit-s", type=float, default=900.0)
-    parser.add_argument("--secagg-parameters", type=int, default=22_700_000)
+    parser.add_argument("--secagg-parameters", type=int, default=100_000)
     parser.add_argument("--memory-probe", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--round-probe", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()

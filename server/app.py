@@ -62,7 +62,7 @@ def serve(grid: Grid, context: Context) -> Path:
         check_training_classes(centralized_train_split(cfg))
         check_run_settings(settings.dp, cfg, train_size)
     chosen = settings.strategy
-    traits, wrappers = strategy_traits(chosen.strategy), active_wrappers(context.run_config)
+    traits, wrappers = strategy_traits(chosen.strategy), active_wrappers(settings)
     check_composition(chosen.strategy, traits, wrappers)
     streaming = aggregates_by_weighted_mean(traits, wrappers)
     strategy = build_strategy(

@@ -32,11 +32,11 @@ these wrappers.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from sepal.codecs import parse_chain
 from sepal.config import ConfigError
+from sepal.settings import Settings
 
 
 class CompositionError(ConfigError):
@@ -127,24 +127,21 @@ def aggregates_by_weighted_mean(traits: StrategyTraits, wrappers: Iterable[Wrapp
             and not any(w.reads_individual_replies for w in wrappers))
 
 
-def active_wrappers(run_config: Mapping[str, Any]) -> list[Wrapper]:
-    """The wrappers a run config switches on.
-
-    Reads the switches other sections own: ``secure-aggregation`` (bool), ``user-dp``
-    (``off`` or ``{server,client}-{fixed,adaptive}``) and ``upload-codec`` (a chain);
-    absent keys mean off (dense). Compression is always on (the dense codec is one too).
-    """
+def active_wrappers(settings: Settings) -> list[Wrapper]:
+    """The wrappers a run's settings switch on: the upload codec (top-k is sparse),
+    ``secure-aggregation`` and ``user-dp`` (``off`` or ``{server,client}-{fixed,adaptive}``).
+    Compression is always on (the dense codec is one too)."""
     wrappers = [COMPRESSION]
-    chain = str(run_config.get("upload-codec", "dense"))
+    chain = settings.compression.upload_codec
     if parse_chain(chain).topk > 0:
         wrappers.append(Wrapper(f"upload-codec {chain!r}", sparse_uploads=True))
-    if run_config.get("secure-aggregation", False) is True:
+    if settings.secagg.enabled:
         wrappers.append(SECURE_AGGREGATION)
-    user_dp = str(run_config.get("user-dp", "off"))
-    if user_dp != "off":
+    user_dp = settings.user_dp
+    if user_dp.enabled:
         wrappers.append(CENTRAL_DP)
-        if user_dp.startswith("server"):
+        if not user_dp.client_side:
             wrappers.append(SERVER_SIDE_CLIPPING)
-        if user_dp.endswith("adaptive"):
+        if user_dp.adaptive:
             wrappers.append(ADAPTIVE_CLIPPING)
     return wrappers

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from sepal.settings import Settings
 from strategies import strategy_traits
 from strategies.builtin import FACTORIES
 from strategies.compatibility import (
@@ -15,13 +16,18 @@ from strategies.compatibility import (
     check_composition,
 )
 
+
+def wrappers_of(run_config: dict) -> list:
+    return active_wrappers(Settings.from_mapping(run_config))
+
+
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 MEANS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 SECURE = {"secure-aggregation": True}
 
 
 def check(strategy: str, run_config: dict) -> None:
-    check_composition(strategy, strategy_traits(strategy), active_wrappers(run_config))
+    check_composition(strategy, strategy_traits(strategy), wrappers_of(run_config))
 
 
 @pytest.mark.parametrize("strategy", ROBUST)
@@ -69,21 +75,21 @@ def test_dense_and_quantized_uploads_compose_with_secure_aggregation(chain):
 
 
 def test_a_plugin_without_traits_runs_alone_only():
-    wrappers = active_wrappers(SECURE)
+    wrappers = wrappers_of(SECURE)
     with pytest.raises(CompositionError, match="'my-plugin' cannot run behind secure-aggregation"):
         check_composition("my-plugin", UNDECLARED, wrappers)
     with pytest.raises(CompositionError, match="central-dp cannot wrap strategy 'my-plugin'"):
-        check_composition("my-plugin", UNDECLARED, active_wrappers({"user-dp": "client-fixed"}))
-    check_composition("my-plugin", UNDECLARED, active_wrappers({"upload-codec": "topk:0.1"}))
+        check_composition("my-plugin", UNDECLARED, wrappers_of({"user-dp": "client-fixed"}))
+    check_composition("my-plugin", UNDECLARED, wrappers_of({"upload-codec": "topk:0.1"}))
 
 
 @pytest.mark.parametrize("strategy", sorted(FACTORIES))
 def test_weighted_mean_follows_the_traits_and_the_wrappers(strategy):
     traits = strategy_traits(strategy)
-    plain = aggregates_by_weighted_mean(traits, active_wrappers({}))
+    plain = aggregates_by_weighted_mean(traits, wrappers_of({}))
     assert plain == (strategy in MEANS)
     for run_config in (SECURE, {"user-dp": "client-fixed"}, {"upload-codec": "topk:0.01,q8"}):
-        assert aggregates_by_weighted_mean(traits, active_wrappers(run_config)) == plain
+        assert aggregates_by_weighted_mean(traits, wrappers_of(run_config)) == plain
     for user_dp in ("server-fixed", "server-adaptive", "client-adaptive"):
-        assert not aggregates_by_weighted_mean(traits, active_wrappers({"user-dp": user_dp}))
-    assert not aggregates_by_weighted_mean(UNDECLARED, active_wrappers({}))
+        assert not aggregates_by_weighted_mean(traits, wrappers_of({"user-dp": user_dp}))
+    assert not aggregates_by_weighted_mean(UNDECLARED, wrappers_of({}))

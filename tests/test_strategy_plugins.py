@@ -11,6 +11,7 @@ import pytest
 from flwr.serverapp.strategy import FedAdam, FedProx, Krum
 
 from sepal.config import ConfigError
+from sepal.settings import Settings
 from server.app import serve
 from server.checkpoint import read_checkpoint
 from sepal.strategy_config import StrategyConfig
@@ -35,6 +36,10 @@ from sepal.strategy_config import parse_params
 from testing.grid import app_run_config, sepal_grid, server_context
 from tests.conftest import PROJECT_ROOT, read_metrics
 from tests.inprocess_grid import TINY_INPROCESS, run_inprocess
+
+
+def wrappers_of(run_config: dict) -> list:
+    return active_wrappers(Settings.from_mapping(run_config))
 
 EXAMPLE_PLUGIN = PROJECT_ROOT / "examples" / "sepal-strategy-example"
 COMMON = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 2,
@@ -104,8 +109,8 @@ def test_wrappers_compose_only_where_sound():
                                                "secure-aggregation"):
         check_composition("fedavg", strategy_traits("fedavg"),
                           [SECURE_AGGREGATION, SERVER_SIDE_CLIPPING])
-    assert active_wrappers({}) == [COMPRESSION]
-    assert active_wrappers({"secure-aggregation": True, "user-dp": "server-adaptive"}) == [
+    assert wrappers_of({}) == [COMPRESSION]
+    assert wrappers_of({"secure-aggregation": True, "user-dp": "server-adaptive"}) == [
         COMPRESSION, SECURE_AGGREGATION, CENTRAL_DP, SERVER_SIDE_CLIPPING, ADAPTIVE_CLIPPING]
 
 

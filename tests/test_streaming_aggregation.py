@@ -25,6 +25,7 @@ from sepal.codecs import build_codec
 from sepal.config import RunConfig
 from sepal.privacy import UserLevelDPConfig
 from sepal.privacy.refusal import BUDGET_EXHAUSTED, PrivacyRefusal, Refusal
+from sepal.settings import Settings
 from server.central_dp import UserLevelDP
 from server.federation import Federation
 from server.streaming import StreamingRound
@@ -33,6 +34,10 @@ from sepal.validation_config import ValidationConfig
 from server.validation import UpdateValidator
 from strategies import strategy_traits
 from strategies.compatibility import active_wrappers, aggregates_by_weighted_mean
+
+
+def wrappers_of(run_config: dict) -> list:
+    return active_wrappers(Settings.from_mapping(run_config))
 
 GLOBAL = OrderedDict([("encoder.weight", np.full((64, 32), 0.05, np.float32)),
                       ("encoder.bias", np.linspace(-1, 1, 32, dtype=np.float32)),
@@ -250,13 +255,13 @@ def test_a_fixed_norm_limit_rejects_each_update_as_it_arrives():
 
 def test_the_weighted_mean_family_streams_and_robust_strategies_collect_every_update():
     for name in ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
-        assert aggregates_by_weighted_mean(strategy_traits(name), active_wrappers({}))
+        assert aggregates_by_weighted_mean(strategy_traits(name), wrappers_of({}))
     assert aggregates_by_weighted_mean(strategy_traits("fedavg"),
-                                       active_wrappers({"user-dp": "client-fixed"}))
+                                       wrappers_of({"user-dp": "client-fixed"}))
     for name in ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"):
-        assert not aggregates_by_weighted_mean(strategy_traits(name), active_wrappers({}))
+        assert not aggregates_by_weighted_mean(strategy_traits(name), wrappers_of({}))
     assert not aggregates_by_weighted_mean(strategy_traits("fedavg"),
-                                           active_wrappers({"user-dp": "server-fixed"}))
+                                           wrappers_of({"user-dp": "server-fixed"}))
 
 
 def _peak_bytes(sites: int, streaming: bool) -> int:

@@ -6,7 +6,7 @@ A config section is a frozen dataclass with a ``validate()`` method in one of Se
 packages; each field is one key (its name in kebab-case) and carries its help text in
 ``metadata["help"]``. Sections read from the run config unless the class sets
 ``CONFIG_SOURCE = "node config"`` (what each institution sets on its SuperNode). The
-run-config sections are the fields of ``sepal.settings.Settings``, bar test-only ones.
+run-config sections are the fields of ``sepal.settings.Settings``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def config_sections(skip_unimportable: bool = False) -> tuple[type, ...]:
 
 
 def run_config_sections(skip_unimportable: bool = False) -> list[type]:
-    """The run-config sections: those of ``Settings`` in its field order, then the
-    test-only ones."""
+    """The run-config sections: those of ``Settings`` in its field order, then any other
+    (tests/test_settings.py keeps that list empty)."""
     from sepal.settings import Settings
 
     found = [cls for cls in config_sections(skip_unimportable) if source(cls) == RUN_CONFIG]

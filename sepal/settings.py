@@ -12,10 +12,6 @@ same schema. Imports go one way: ``client`` -> ``sepal``; ``server`` ->
 ``server``, ``client`` or ``strategies`` (the strategy registry stays in
 ``strategies``; only the section that names a strategy lives here). This module
 imports no torch, so the ClientApp's secure-aggregation stages can read it cheaply.
-
-``TEST_ONLY_KEYS`` are test-only switches (model poisoning for robustness tests) that
-ride on the run config: declared for Flower, read by a testing module, outside this
-schema; they are passed over here.
 """
 
 from __future__ import annotations
@@ -35,9 +31,6 @@ from sepal.privacy.config import DPSGDConfig, UserLevelDPConfig
 from sepal.secagg.config import SecAggConfig
 from sepal.strategy_config import StrategyConfig
 from sepal.validation_config import ValidationConfig
-
-TEST_ONLY_KEYS = frozenset({"test-attack", "test-attack-scale"})
-
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -85,7 +78,7 @@ def check_known_keys(values: Mapping[str, Any]) -> None:
     """ConfigError naming every key of ``values`` no section declares (Flower refuses them
     with only "Invalid run configuration"), each with the closest declared key."""
     declared = Settings.keys()
-    unknown = sorted(set(values) - set(declared) - TEST_ONLY_KEYS)
+    unknown = sorted(set(values) - set(declared))
     if unknown:
         hints = []
         for key in unknown:

@@ -45,10 +45,11 @@ class LocalDeployment(ProcessGroup):
     ``register_institutions()``, ``start_institution(name)`` for each, ``run(cfg)``.
     """
 
-    def __init__(self, workdir: Path, federation: Path | None = None):
+    def __init__(self, workdir: Path, app_dir: Path = PROJECT_ROOT,
+                 federation: Path | None = None):
         super().__init__(workdir / "logs")
         self.workdir = workdir
-        self.app_dir = PROJECT_ROOT
+        self.app_dir = app_dir  # the Flower app `flwr run` submits
         self.federation = federation
         self.flwr_home = workdir / "flwr-home"
         self.env = flower_env(self.flwr_home, {

@@ -25,6 +25,15 @@ class _LevelFormatter(logging.Formatter):
         return f"{record.levelname} : {' ' * (8 - len(record.levelname))}{message}"
 
 
+class _DropReplyCount(logging.Filter):
+    """Flower's strategies log how many replies ``aggregate_train`` received. When the
+    round loop hands them one summed reply (streaming or secure aggregation) that count
+    reads 1; Sepal's round line reports the sites that answered, failed and were refused."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("aggregate_train: Received")
+
+
 def configure(level: int = logging.INFO) -> None:
     """Route Sepal's, Flower's and third-party records to one place each (idempotent)."""
     from flwr.common.logger import FLOWER_LOGGER, update_console_handler
@@ -32,6 +41,8 @@ def configure(level: int = logging.INFO) -> None:
     colored = _is_terminal(sys.stdout)
     update_console_handler(colored=colored)
     FLOWER_LOGGER.propagate = False
+    if not any(isinstance(f, _DropReplyCount) for f in FLOWER_LOGGER.filters):
+        FLOWER_LOGGER.addFilter(_DropReplyCount())
 
     root = logging.getLogger()
     for handler in list(root.handlers):

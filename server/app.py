@@ -87,7 +87,7 @@ def serve(grid: Grid, context: Context) -> Path:
         output = RunOutput(Path(cfg.output_dir) / run_name, settings.as_dict())
         model = build_task_model(cfg, label_names, settings.lora)
         for line in run_header(run_name, settings, model, len(list(grid.get_node_ids())),
-                               output.folder.resolve()):
+                               output.folder.resolve(), streaming):
             log.info(line)
         initial = get_weights(model)
         del model

@@ -11,8 +11,9 @@ if TYPE_CHECKING:
 
 
 def run_header(run_name: str, settings: Settings, model, connected: int,
-               folder: Path) -> list[str]:
-    """The run's settings in a few lines, before round 1."""
+               folder: Path, streaming: bool = False) -> list[str]:
+    """The run's settings in a few lines, before round 1; ``streaming``: the server sums
+    uploads as they arrive (``server/streaming.py``)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg, strategy, compression = settings.run, settings.strategy, settings.compression
@@ -32,7 +33,7 @@ def run_header(run_name: str, settings: Settings, model, connected: int,
         ("sites", f"{connected} connected; a round needs {cfg.min_train_nodes}"),
         ("rounds", f"{cfg.num_server_rounds} x {cfg.local_epochs} local epoch(s), "
                    f"lr {cfg.learning_rate:g}, batch {cfg.batch_size}"),
-        ("strategy", f"{strategy.strategy}{params}"),
+        ("strategy", f"{strategy.strategy}{params}, " + _aggregation(secagg.enabled, streaming)),
         ("codec", f"upload {compression.upload_codec}, download {compression.download_codec}"),
         ("privacy", "; ".join(privacy) or "off (no differential privacy)"),
         ("secure aggregation", f"on, {secagg.secagg_value_bits}-bit values clipped to "
@@ -41,6 +42,12 @@ def run_header(run_name: str, settings: Settings, model, connected: int,
     ]
     width = max(len(name) for name, _ in rows)
     return [f"Sepal run {run_name}"] + [f"  {name:<{width}}  {value}" for name, value in rows]
+
+
+def _aggregation(secure: bool, streaming: bool) -> str:
+    if secure:
+        return "on the secure sum of the uploads"
+    return "uploads summed as they arrive" if streaming else "every upload held for the strategy"
 
 
 def round_line(record: dict[str, Any], num_rounds: int) -> str:

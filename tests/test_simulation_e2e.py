@@ -51,6 +51,7 @@ def test_two_round_simulation_prints_a_readable_log_and_writes_its_outputs(tmp_p
     assert "LOAD REPORT" not in out and "Writing model shards" not in out
     assert not ANSI.search(out), "ANSI escapes in output that is not a terminal"
     assert "DEBUG" not in out
+    assert "aggregate_train: Received" not in out  # the strategy sees one summed reply
     lines = [line for line in out.splitlines() if line.strip()]
     repeated = [line for line in set(lines) if lines.count(line) > 1 and "Sampled" not in line
                 and "Received" not in line]
@@ -58,7 +59,8 @@ def test_two_round_simulation_prints_a_readable_log_and_writes_its_outputs(tmp_p
     for field in ("model ", "sites ", "strategy ", "codec ", "privacy ", "secure aggregation ",
                   "output folder "):
         assert re.search(rf"INFO :\s+ {field}\s*\S", out), f"header lacks '{field}'"
-    assert "fedprox (proximal-mu=0.1)" in out and str(folder.resolve()) in out
+    assert "fedprox (proximal-mu=0.1), uploads summed as they arrive" in out
+    assert str(folder.resolve()) in out
     round_lines = [line for line in lines if re.search(r"round \d/2 \|", line)]
     assert [re.search(r"round (\d)/2", line).group(1) for line in round_lines] == ["1", "2"]
     assert len({line.index("accuracy") for line in round_lines}) == 1, "columns not aligned"

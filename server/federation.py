@@ -51,6 +51,9 @@ from strategies.state import StrategyStateError, load_strategy_state, strategy_s
 
 log = logging.getLogger("sepal.server")
 
+# Streaming under the median norm rule: at most this many updates (one model each) are
+# held out of the running sum until the round's limit is known.
+MAX_HELD_ASIDE = 8
 GRPC_PULL_INTERVAL_S = 3.0  # Flower's gRPC grid polls this often in send_and_receive
 
 
@@ -78,6 +81,7 @@ class Federation:
         # sum uploads as they arrive: for strategies aggregating by a weighted mean
         # (``strategies.compatibility.aggregates_by_weighted_mean``)
         self.streaming = streaming
+        self.held_aside = 1  # streaming: updates kept out of the sum until the round closes
 
     def run(self, weights: OrderedDict[str, np.ndarray],
             resume_from: Checkpoint | None = None) -> OrderedDict[str, np.ndarray]:
@@ -144,9 +148,7 @@ class Federation:
                         decoded.aggregate_refused)
             record["aggregate_refused"] = decoded.aggregate_refused
             if self.streaming:
-                log.warning("every update is collected before aggregating from round %d on",
-                            server_round + 1)
-                self.streaming = False
+                self._hold_more_aside(server_round, decoded.out_of_bounds)
         elif decoded.accepted and decoded.clients >= self.cfg.min_train_nodes:
             aggregated, train_metrics, refused = self._aggregate(server_round, decoded, weights)
             if refused:
@@ -238,7 +240,8 @@ class Federation:
         instruction_nodes = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         pending.sort(key=lambda message_id: instruction_nodes.get(message_id, 0))
         stream = StreamingRound(weights, self.validator, instruction_nodes,
-                                equal_weights=isinstance(self.strategy, UserLevelDP))
+                                equal_weights=isinstance(self.strategy, UserLevelDP),
+                                held_aside=self.held_aside)
         answered: set[str] = set()
         end_time = time.time() + self.cfg.round_timeout
         while time.time() < end_time:
@@ -252,6 +255,19 @@ class Federation:
             time.sleep(getattr(self.grid, "pull_interval", GRPC_PULL_INTERVAL_S))
         return _with_timed_out(stream.finish(self.arrays_key, messages), instruction_nodes,
                                answered)
+
+    def _hold_more_aside(self, server_round: int, out_of_bounds: int) -> None:
+        """After a streaming round lost to more out-of-bounds updates than were held aside:
+        hold as many aside as there were (at most ``MAX_HELD_ASIDE``, each one model's
+        memory), or, beyond that, collect every update from the next round on."""
+        if out_of_bounds <= MAX_HELD_ASIDE:
+            self.held_aside = max(self.held_aside, out_of_bounds)
+            log.warning("from round %d on, the %d largest updates are held aside until the "
+                        "round's norm limit is known", server_round + 1, self.held_aside)
+        else:
+            self.streaming = False
+            log.warning("every update is collected before aggregating from round %d on",
+                        server_round + 1)
 
     def _seed_node_sampling(self, server_round: int, stage: str) -> None:
         """Flower samples nodes with the global ``random`` (see the module docstring)."""

@@ -31,22 +31,24 @@ each poll, so a grid that answers a round at once is summed deterministically.
 
 Norm check: with a fixed limit (``validation-clip-bound``, or the check off) each update
 is judged as it arrives. With the round's median norm as reference the limit is known
-only when the round closes, so the update with the largest norm so far is held aside
-instead of summed (a larger one takes its place and the smaller goes into the sum).
-At the close all norms are judged as the collect-everything path judges them
-(``UpdateValidator.judge_norms``): the same updates are rejected, and the held one is
-summed if it passes. If two or more exceed the limit, one is already in the sum: the
-round's aggregate is refused (global model kept, every out-of-bounds update counted as
-rejected) and the federation collects every update from the next round on. No
-out-of-bounds update reaches the model either way.
+only when the round closes, so the ``held_aside`` updates with the largest norms so far
+are kept out of the sum (a larger one takes the place of the smallest, which goes into
+the sum). At the close all norms are judged as the collect-everything path judges them
+(``UpdateValidator.judge_norms``): the same updates are rejected, and the held ones that
+pass are summed. If more exceed the limit than were held aside, one is already in the
+sum: the round's aggregate is refused (global model kept, every out-of-bounds update
+counted as rejected), and the round loop holds that many aside from the next round on
+(``server/federation.py``). No out-of-bounds update reaches the model either way.
 
 Memory, whatever the number of sites: the float64 sum (2 x the float32 model), the
 upload being read (encoded bytes and decoded values), and under the median rule the
-held update: about 4 x the model plus a constant.
+held updates: about (3 + held_aside) x the model plus a constant; ``held_aside`` is 1
+unless a round was lost to several out-of-bounds updates.
 """
 
 from __future__ import annotations
 
+import heapq
 import warnings
 from collections import OrderedDict
 
@@ -118,7 +120,8 @@ class StreamingRound:
     """One round's uploads, read one at a time into a :class:`RunningSum`."""
 
     def __init__(self, global_arrays: OrderedDict[str, np.ndarray], validator: UpdateValidator,
-                 instruction_nodes: dict[str, int], equal_weights: bool = False):
+                 instruction_nodes: dict[str, int], equal_weights: bool = False,
+                 held_aside: int = 1):
         self.global_arrays = global_arrays
         self.validator = validator
         self.instruction_nodes = instruction_nodes
@@ -128,7 +131,8 @@ class StreamingRound:
         self.norms: dict[int, float] = {}
         self.metrics: dict[int, MetricRecord] = {}  # accepted so far
         self.summed: set[int] = set()
-        self.held: tuple[int, OrderedDict[str, np.ndarray]] | None = None
+        self.held_aside = held_aside
+        self.held: list[tuple[float, int, OrderedDict[str, np.ndarray]]] = []  # min-heap by norm
 
     def add(self, reply: Message) -> None:
         read = read_reply(reply, self.result, self.global_arrays, self.instruction_nodes,
@@ -147,12 +151,14 @@ class StreamingRound:
             self._sum(node, update)
             return
         self.norms[node], self.metrics[node] = norm, metrics
-        if self.held is not None and norm <= self.norms[self.held[0]]:
+        if len(self.held) < self.held_aside:
+            heapq.heappush(self.held, (norm, node, update))
+            return
+        if norm <= self.held[0][0]:
             self._sum(node, update)
             return
-        previous, self.held = self.held, (node, update)
-        if previous is not None:
-            self._sum(*previous)
+        _, smallest, smallest_update = heapq.heapreplace(self.held, (norm, node, update))
+        self._sum(smallest, smallest_update)
 
     def finish(self, arrays_key: str, instructions: list[Message]) -> DecodedRound:
         """The round's accounting and, if any update was accepted, the one aggregate reply."""
@@ -162,15 +168,18 @@ class StreamingRound:
             reject(result, node, out_of_bounds[node])
             del self.metrics[node]
         in_sum = sorted(set(out_of_bounds) & self.summed)
-        held, self.held = self.held, None
+        held, self.held = self.held, []
         result.contributors = len(self.metrics)
+        result.out_of_bounds = len(out_of_bounds)
         if in_sum:
             result.aggregate_refused = (
-                f"{len(out_of_bounds)} updates exceed the norm limit, more than the streaming "
-                f"sum holds aside: node(s) {in_sum} are already in the sum")
+                f"{len(out_of_bounds)} updates exceed the norm limit, more than the "
+                f"{self.held_aside} the streaming sum holds aside: node(s) {in_sum} are "
+                "already in the sum")
             return result
-        if held is not None and held[0] not in out_of_bounds:
-            self._sum(*held)
+        for _, node, update in sorted(held, key=lambda entry: entry[1]):
+            if node not in out_of_bounds:
+                self._sum(node, update)
         if self.metrics:
             nodes = sorted(self.metrics)
             shared = shared_metric_keys([self.metrics[n] for n in nodes])

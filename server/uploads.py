@@ -52,6 +52,7 @@ class DecodedRound:
     # with; None: those of ``accepted[0]``.
     client_metrics: MetricRecord | None = None
     aggregate_refused: str = ""  # why the accepted updates cannot be aggregated ("" if they can)
+    out_of_bounds: int = 0  # updates over the norm limit (streaming: judged at the close)
     summary: dict = dataclasses.field(default_factory=dict)  # extra fields of the round record
 
     @property

@@ -27,6 +27,7 @@ from sepal.privacy import UserLevelDPConfig
 from sepal.privacy.refusal import BUDGET_EXHAUSTED, PrivacyRefusal, Refusal
 from sepal.settings import Settings
 from server.central_dp import UserLevelDP
+from server import federation as federation_module
 from server.federation import Federation
 from server.streaming import StreamingRound
 from server.uploads import decode_replies
@@ -109,7 +110,8 @@ class ReplayGrid(Grid):
         raise NotImplementedError
 
 
-def aggregate(strategy_factory, streaming: bool, answer, validator_cfg=None):
+def aggregate(strategy_factory, streaming: bool, answer, validator_cfg=None,
+              held_aside: int = 1):
     """One round's collect + strategy aggregate; the decoded round and the new model."""
     np.random.seed(0)  # Flower's DP wrappers draw their noise from numpy's global generator
     strategy = strategy_factory()
@@ -117,6 +119,7 @@ def aggregate(strategy_factory, streaming: bool, answer, validator_cfg=None):
     federation = Federation(grid, strategy, RunConfig(min_train_nodes=2, round_timeout=0.3),
                             ["negative", "positive"], None, None,
                             validator=UpdateValidator(validator_cfg), streaming=streaming)
+    federation.held_aside = held_aside
     messages = list(strategy.configure_train(1, wire.arrays_to_record(GLOBAL),
                                              ConfigRecord({}), grid))
     decoded = federation.collect_updates(messages, GLOBAL)
@@ -239,6 +242,20 @@ def test_more_out_of_bounds_updates_than_held_aside_refuse_the_aggregate():
     assert decoded.accepted == [] and "already in the sum" in decoded.aggregate_refused
 
 
+def test_as_many_out_of_bounds_updates_as_held_aside_are_rejected_without_loss():
+    outliers = {NODES[1], NODES[4]}
+
+    def answer(node):
+        return upload(node, scale=1.0 if node in outliers else 0.01)
+
+    full, full_model, _ = aggregate(fedavg, False, answer)
+    stream, stream_model, _ = aggregate(fedavg, True, answer, held_aside=2)
+
+    assert set(stream.rejected) == set(full.rejected) == outliers
+    assert not stream.aggregate_refused and stream.clients == full.clients == len(NODES) - 2
+    assert_same_model(full_model, stream_model)
+
+
 def test_a_fixed_norm_limit_rejects_each_update_as_it_arrives():
     config = ValidationConfig(validation_clip_bound=0.05, validation_norm_multiple=1.0)
 
@@ -322,7 +339,27 @@ class _Records:
         self.rounds.append(record)
 
 
-def test_a_refused_streaming_round_keeps_the_model_and_later_rounds_collect_every_update():
+def test_a_refused_streaming_round_keeps_the_model_and_later_rounds_hold_more_aside():
+    outliers = {NODES[0], NODES[3]}
+    grid = ReplayGrid(lambda node: upload(node, scale=1.0 if node in outliers else 0.01))
+    federation = _Unevaluated(grid, fedavg(), RunConfig(min_train_nodes=2, round_timeout=5),
+                              ["negative", "positive"], None, _Records(),
+                              streaming=True)
+
+    first = federation.run_round(1, GLOBAL, started=0.0)
+    second = federation.run_round(2, first, started=0.0)
+
+    refused, recovered = federation.output.rounds
+    assert "already in the sum" in refused["aggregate_refused"]
+    assert all(np.array_equal(first[k], GLOBAL[k]) for k in GLOBAL)
+    assert federation.streaming and federation.held_aside == 2
+    assert "aggregate_refused" not in recovered and recovered["clients"] == len(NODES) - 2
+    assert set(recovered["rejected_reasons"]) == {str(n) for n in outliers}
+    assert not np.allclose(second["encoder.weight"], GLOBAL["encoder.weight"])
+
+
+def test_beyond_the_most_held_aside_later_rounds_collect_every_update(monkeypatch):
+    monkeypatch.setattr(federation_module, "MAX_HELD_ASIDE", 1)
     outliers = {NODES[0], NODES[3]}
     grid = ReplayGrid(lambda node: upload(node, scale=1.0 if node in outliers else 0.01))
     federation = _Unevaluated(grid, fedavg(), RunConfig(min_train_nodes=2, round_timeout=5),

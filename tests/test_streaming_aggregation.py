@@ -339,41 +339,33 @@ class _Records:
         self.rounds.append(record)
 
 
-def test_a_refused_streaming_round_keeps_the_model_and_later_rounds_hold_more_aside():
-    outliers = {NODES[0], NODES[3]}
-    grid = ReplayGrid(lambda node: upload(node, scale=1.0 if node in outliers else 0.01))
+OUTLIERS = {NODES[0], NODES[3]}
+
+
+def two_rounds_with_two_outliers() -> tuple[Federation, dict, dict]:
+    """Two streaming rounds in which the same two sites send oversized updates; the
+    federation and the round records."""
+    grid = ReplayGrid(lambda node: upload(node, scale=1.0 if node in OUTLIERS else 0.01))
     federation = _Unevaluated(grid, fedavg(), RunConfig(min_train_nodes=2, round_timeout=5),
-                              ["negative", "positive"], None, _Records(),
-                              streaming=True)
-
+                              ["negative", "positive"], None, _Records(), streaming=True)
     first = federation.run_round(1, GLOBAL, started=0.0)
+    assert all(np.array_equal(first[k], GLOBAL[k]) for k in GLOBAL)  # round 1 refused
     second = federation.run_round(2, first, started=0.0)
-
-    refused, recovered = federation.output.rounds
-    assert "already in the sum" in refused["aggregate_refused"]
-    assert all(np.array_equal(first[k], GLOBAL[k]) for k in GLOBAL)
-    assert federation.streaming and federation.held_aside == 2
-    assert "aggregate_refused" not in recovered and recovered["clients"] == len(NODES) - 2
-    assert set(recovered["rejected_reasons"]) == {str(n) for n in outliers}
     assert not np.allclose(second["encoder.weight"], GLOBAL["encoder.weight"])
+    refused, later = federation.output.rounds
+    assert "already in the sum" in refused["aggregate_refused"]
+    assert set(refused["rejected_reasons"]) == {str(n) for n in OUTLIERS}
+    assert "aggregate_refused" not in later and later["clients"] == len(NODES) - 2
+    assert set(later["rejected_reasons"]) == {str(n) for n in OUTLIERS}
+    return federation, refused, later
+
+
+def test_a_refused_streaming_round_keeps_the_model_and_later_rounds_hold_more_aside():
+    federation, _, _ = two_rounds_with_two_outliers()
+    assert federation.streaming and federation.held_aside == 2
 
 
 def test_beyond_the_most_held_aside_later_rounds_collect_every_update(monkeypatch):
     monkeypatch.setattr(federation_module, "MAX_HELD_ASIDE", 1)
-    outliers = {NODES[0], NODES[3]}
-    grid = ReplayGrid(lambda node: upload(node, scale=1.0 if node in outliers else 0.01))
-    federation = _Unevaluated(grid, fedavg(), RunConfig(min_train_nodes=2, round_timeout=5),
-                              ["negative", "positive"], None, _Records(),
-                              streaming=True)
-
-    first = federation.run_round(1, GLOBAL, started=0.0)
-    second = federation.run_round(2, first, started=0.0)
-
-    refused, collected = federation.output.rounds
-    assert "already in the sum" in refused["aggregate_refused"]
-    assert set(refused["rejected_reasons"]) == {str(n) for n in outliers}
-    assert all(np.array_equal(first[k], GLOBAL[k]) for k in GLOBAL)
+    federation, _, _ = two_rounds_with_two_outliers()
     assert not federation.streaming
-    assert "aggregate_refused" not in collected and collected["clients"] == len(NODES) - 2
-    assert set(collected["rejected_reasons"]) == {str(n) for n in outliers}
-    assert not np.allclose(second["encoder.weight"], GLOBAL["encoder.weight"])

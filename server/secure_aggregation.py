@@ -456,11 +456,10 @@ class SecureAggregation:
         does not answer in time is recorded as failed / timed out; a reply with a foreign
         header or one ``read`` refuses (SecAggError) is recorded as rejected and logged.
         """
-        model_bytes: dict[int, int] = {}  # the model record is shared by all nodes' messages
         for message in outgoing if self.count_bytes else ():
             node = message.metadata.dst_node_id
             result.bytes_down[node] = result.bytes_down.get(node, 0) + \
-                _content_bytes(message.content, model_bytes)
+                wire.serialized_size(message.content)
         expected = {m.metadata.dst_node_id for m in outgoing}
         answered, accepted = set(), []
         for reply in self.grid.send_and_receive(outgoing, timeout=timeout):
@@ -531,17 +530,6 @@ class SecureAggregation:
         if count < needed:
             raise RoundAborted(f"{count} client(s) left after {stage} < {needed} "
                                f"(threshold {state.threshold}, min-train-nodes {self.min_clients})")
-
-
-def _content_bytes(content: RecordDict, model_bytes: dict[int, int]) -> int:
-    """Serialized size of ``content``; a model record seen before is not serialized again."""
-    model = content.get(wire.ARRAYS_KEY)
-    if model is None:
-        return wire.serialized_size(content)
-    if id(model) not in model_bytes:
-        model_bytes[id(model)] = wire.serialized_size(RecordDict({wire.ARRAYS_KEY: model}))
-    rest = RecordDict({key: record for key, record in content.items() if key != wire.ARRAYS_KEY})
-    return model_bytes[id(model)] + wire.serialized_size(rest)
 
 
 class SecureFederation(Federation):

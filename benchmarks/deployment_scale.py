@@ -15,7 +15,7 @@ transformers, Sepal) and builds the model before it handles the message. Measure
                  collect, aggregate, evaluate on the server's test split
   first round s  round 1 alone (the SuperNodes fetch the app bundle then)
   ClientApps     ``flwr-clientapp`` processes seen under the SuperNodes (polled every
-                 0.1 s in /proc), per round
+                 0.1 s with psutil), per round
   ClientApp s    mean lifetime of those processes (start to exit)
   ClientApp CPU s  their mean CPU seconds (user + system): the cost of one message,
                  almost all of it start-up, as the training itself is 16 examples

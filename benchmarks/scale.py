@@ -154,7 +154,8 @@ def memory_probe(shapes_file: str, sites: int, path: str) -> dict:
 
 def reset_peak_rss() -> None:
     """Start the peak resident set (Linux ``VmHWM``) over from now: a process started
-    by another inherits its peak across exec."""
+    by another inherits its peak across exec. /proc, because psutil exposes neither the
+    peak nor its reset."""
     Path("/proc/self/clear_refs").write_text("5")
 
 
